@@ -1,0 +1,97 @@
+"""The Adapt computation as plain functions: cluster the batch, run the hyper-network, pack tensors.
+
+Kept free of gRPC plumbing so it can be tested and benchmarked directly; the servicer only calls it.
+The hyper-network runs only for clusters whose adapter the caller does not already hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import grpc
+import numpy as np
+
+from adapter_service import codec
+from adapter_service.clustering import cluster
+from adapter_service.proto import adapter_service_pb2 as pb
+from adapter_service.runtime import HyperNetworkRuntime
+from adapter_service.validation import AdaptCall, Limits, RequestError
+
+# Per-tensor framing in the response (tags, lengths, shape): generous, so the estimate is an upper bound.
+_TENSOR_OVERHEAD = 64
+_MODULE_OVERHEAD = 64
+
+
+def adapter_key(artifact_sha256: str, dtype: int, centroid: np.ndarray) -> str:
+    """Same artifact, dtype and centroid -> same key, and (the network being deterministic) same tensors."""
+    digest = hashlib.sha256()
+    digest.update(artifact_sha256.encode())
+    digest.update(codec.dtype_name(dtype).encode())
+    digest.update(np.ascontiguousarray(centroid, dtype="<f4").tobytes())
+    return digest.hexdigest()[:32]
+
+
+def adapt(
+    call: AdaptCall, runtime: HyperNetworkRuntime, limits: Limits, seed: int = 0, decode_seconds: float = 0.0
+) -> pb.AdaptResponse:
+    manifest = runtime.manifest
+    started = time.perf_counter()
+    grouping = cluster(call.statistics, call.policy, seed=seed)
+    clustered = time.perf_counter()
+
+    keys = [adapter_key(runtime.artifact.sha256, call.dtype, c) for c in grouping.centroids]
+    needed = [i for i, key in enumerate(keys) if key not in call.held_keys]
+    _check_response_size(len(needed), grouping.k, call, runtime, limits)
+    generated = runtime.generate(grouping.centroids[needed]) if needed else {}
+    generated_at = time.perf_counter()
+
+    # One vectorised cast per group instead of one per tensor.
+    wire_dtype = codec.numpy_dtype(call.dtype)
+    cast = {name: (out.a.astype(wire_dtype, copy=False), out.b.astype(wire_dtype, copy=False))
+            for name, out in generated.items()}
+
+    response = pb.AdaptResponse(assignments=grouping.assignments.tolist(), artifact_id=manifest.artifact_id)
+    row_of = {cluster_index: row for row, cluster_index in enumerate(needed)}
+    for index in range(grouping.k):
+        entry = response.clusters.add(index=index, size=int(grouping.sizes[index]), adapter_key=keys[index])
+        if index not in row_of:
+            entry.omitted = True
+            continue
+        row = row_of[index]
+        for group in manifest.groups:
+            a, b = cast[group.name]
+            for layer, module in enumerate(group.modules):
+                entry.modules.add(module=module, a=codec.encode(a[row, layer]), b=codec.encode(b[row, layer]))
+    encoded = time.perf_counter()
+    response.timings.CopyFrom(
+        pb.StageTimings(
+            decode=decode_seconds,
+            cluster=clustered - started,
+            hypernetwork=generated_at - clustered,
+            encode=encoded - generated_at,
+            total=decode_seconds + encoded - started,
+        )
+    )
+    return response
+
+
+def _check_response_size(generated: int, k: int, call: AdaptCall, runtime: HyperNetworkRuntime, limits: Limits):
+    """Refuse before doing the work when the answer could not be sent anyway."""
+    manifest = runtime.manifest
+    itemsize = codec.numpy_dtype(call.dtype).itemsize
+    r = manifest.rank
+    per_cluster = sum(
+        r * (d_in + d_out) * itemsize + 2 * _TENSOR_OVERHEAD + _MODULE_OVERHEAD + len(name)
+        for name, d_in, d_out in manifest.targets
+    )
+    estimate = generated * per_cluster + k * 128 + 8 * len(call.statistics) + 256
+    if estimate > limits.max_message_bytes:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "dtype",
+            f"the response would be about {estimate} bytes for {generated} adapters "
+            f"({per_cluster} bytes each as {codec.dtype_name(call.dtype)}); expected at most "
+            f"{limits.max_message_bytes}: ask for float16/bfloat16, fewer clusters, pass held_adapter_keys, "
+            "or raise the server's --max-message-bytes",
+        )

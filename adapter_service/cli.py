@@ -1,0 +1,124 @@
+"""`chameleon`: the command line of the sidecar and its tools.
+
+    chameleon serve  --artifact DIR [--address 127.0.0.1:50051 | unix:PATH] [--metrics-port 9464]
+    chameleon export --model DIR|config.json|HUB_ID --targets q_proj,v_proj --rank 8 --out DIR
+    chameleon demo   (the main job: make an artifact, serve it, call it once)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from adapter_service import __version__
+
+log = logging.getLogger("chameleon")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from adapter_service import logs
+    from adapter_service.artifact import ArtifactError
+    from adapter_service.server import ServerConfig, ServiceError, run
+    from adapter_service.validation import Limits
+
+    logs.configure(args.log_level, json_format=not args.plain_logs)
+    config = ServerConfig(
+        artifact=Path(args.artifact),
+        address=args.address,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_address=args.metrics_address,
+        limits=Limits(max_rows=args.max_rows, max_clusters=args.max_clusters,
+                      max_message_bytes=args.max_message_bytes),
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        workers=args.workers,
+        ort_threads=args.ort_threads,
+        seed=args.seed,
+        grace_seconds=args.grace,
+        expect_sha256=args.expect_sha256,
+    )
+    try:
+        asyncio.run(run(config))
+    except (ArtifactError, ServiceError, RuntimeError) as exc:
+        log.error("cannot start", extra={"error": str(exc)})
+        print(f"chameleon serve: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from adapter_service.export import make_fresh_artifact
+
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    try:
+        artifact = make_fresh_artifact(
+            args.model, targets, args.rank, args.out, alpha=args.alpha, hidden=args.hidden, init=args.init,
+            seed=args.seed,
+        )
+    except (ValueError, OSError) as exc:
+        print(f"chameleon export: error: {exc}", file=sys.stderr)
+        return 2
+    m = artifact.manifest
+    print(f"wrote {artifact.path} ({m.artifact_id}, sha256 {artifact.sha256})")
+    print(f"  {len(m.targets)} target modules in {len(m.groups)} groups, rank {m.rank}, "
+          f"{m.hypernetwork['parameters']:,} hyper-network parameters, "
+          f"onnx parity {m.hypernetwork['onnx_parity_max_rel_error']:.1e}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from adapter_service.demo import run_demo
+
+    return run_demo(workdir=Path(args.workdir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chameleon", description="Batch-aware dynamic LoRA adapters.")
+    parser.add_argument("--version", action="version", version=f"chameleon-adapters {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the adapter service (gRPC sidecar)")
+    serve.add_argument("--artifact", required=True, help="artifact directory (hypernetwork.onnx + manifest.json)")
+    serve.add_argument("--address", default="127.0.0.1:50051", help="host:port or unix:PATH (default loopback)")
+    serve.add_argument("--metrics-port", type=int, default=9464, help="Prometheus port; -1 disables, 0 = any")
+    serve.add_argument("--metrics-address", default="127.0.0.1")
+    serve.add_argument("--max-rows", type=int, default=1024, help="max statistics rows per Adapt call")
+    serve.add_argument("--max-clusters", type=int, default=16, help="max k per Adapt call")
+    serve.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024)
+    serve.add_argument("--max-concurrent-rpcs", type=int, default=64)
+    serve.add_argument("--workers", type=int, default=4, help="threads running Adapt")
+    serve.add_argument("--ort-threads", type=int, default=0, help="onnxruntime intra-op threads (0 = default)")
+    serve.add_argument("--seed", type=int, default=0, help="k-means seed (same input, same groups)")
+    serve.add_argument("--grace", type=float, default=5.0, help="seconds to drain calls on SIGTERM")
+    serve.add_argument("--expect-sha256", help="refuse to start unless the artifact has this sha256")
+    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
+    serve.set_defaults(func=_serve)
+
+    export = sub.add_parser("export", help="write an artifact from a freshly initialised hyper-network")
+    export.add_argument("--model", required=True, help="local HF directory, config.json, or hub id")
+    export.add_argument("--targets", required=True, help="comma-separated module names or globs, e.g. q_proj,v_proj")
+    export.add_argument("--rank", type=int, default=8)
+    export.add_argument("--alpha", type=float, default=None, help="LoRA alpha (scaling = alpha / rank); default 2r")
+    export.add_argument("--hidden", type=int, default=64, help="hyper-network width")
+    export.add_argument("--init", choices=("zero", "random"), default="zero",
+                        help="zero: untrained network emits zero deltas (default); random: non-zero, for plumbing tests")
+    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--out", required=True)
+    export.set_defaults(func=_export)
+
+    demo = sub.add_parser("demo", help="make an artifact, serve it, call it once")
+    demo.add_argument("--workdir", default=".chameleon/demo", help="where the demo writes its artifact")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Clients of the adapter service: `AdapterClient` (blocking) and `AsyncAdapterClient` (asyncio).
+
+The only way plugins talk to the service. Importing this module pulls in grpc, numpy and the codec,
+never onnxruntime, torch or the server, so it is cheap inside a model server. Results are typed and
+checked against the manifest: a response with a wrong shape or dtype raises InvalidResponse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from adapter_service import codec
+from adapter_service.artifact import Fingerprint, StatisticSpec
+from adapter_service.clustering import AutoK, ClusteringPolicy, FixedK
+from adapter_service.proto import adapter_service_pb2 as pb
+from adapter_service.proto import adapter_service_pb2_grpc as pb_grpc
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024 + 1024 * 1024
+
+
+class AdapterServiceError(Exception):
+    """The service answered with an error status (or could not be reached)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class InvalidResponse(Exception):
+    """The service answered, but not with what its manifest promised."""
+
+
+@dataclass(frozen=True)
+class ServiceManifest:
+    artifact_id: str
+    artifact_sha256: str
+    base_model: Fingerprint
+    statistic: StatisticSpec
+    targets: tuple[tuple[str, int, int], ...]  # (module, d_in, d_out)
+    rank: int
+    scaling: float
+    dtypes: tuple[str, ...]
+    max_rows: int
+    max_clusters: int
+    max_message_bytes: int
+
+    @classmethod
+    def from_message(cls, m: pb.Manifest) -> ServiceManifest:
+        fp = m.base_model
+        return cls(
+            artifact_id=m.artifact_id,
+            artifact_sha256=m.artifact_sha256,
+            base_model=Fingerprint(fp.architecture, fp.hidden_size, fp.vocab_size, fp.num_layers, fp.weights_sha256),
+            statistic=StatisticSpec(m.statistic.kind, m.statistic.dim, m.statistic.normalization,
+                                    dict(m.statistic.params)),
+            targets=tuple((t.name, t.d_in, t.d_out) for t in m.targets),
+            rank=m.rank,
+            scaling=m.scaling,
+            dtypes=tuple(codec.dtype_name(d) for d in m.dtypes),
+            max_rows=m.limits.max_rows,
+            max_clusters=m.limits.max_clusters,
+            max_message_bytes=m.limits.max_message_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class ModuleDelta:
+    a: Any  # [r, d_in]: numpy array, or torch tensor when asked
+    b: Any  # [d_out, r]
+
+
+@dataclass(frozen=True)
+class ClusterAdapter:
+    index: int
+    size: int
+    key: str
+    omitted: bool  # the caller holds `key`; `modules` is empty
+    modules: dict[str, ModuleDelta]
+
+
+@dataclass(frozen=True)
+class AdaptResult:
+    assignments: np.ndarray  # int32 [N]: cluster index of each row
+    clusters: tuple[ClusterAdapter, ...]
+    timings: dict[str, float]  # server-side seconds per stage
+    artifact_id: str
+
+    @property
+    def k(self) -> int:
+        return len(self.clusters)
+
+
+def build_adapt_request(
+    statistics: Any,
+    *,
+    request_ids: Sequence[str] | None = None,
+    policy: ClusteringPolicy | None = None,
+    dtype: str = "float32",
+    held_keys: Sequence[str] = (),
+) -> pb.AdaptRequest:
+    """statistics: [N, D] numpy array or torch tensor (sent as float32)."""
+    if hasattr(statistics, "detach"):  # torch, without importing it
+        statistics = statistics.detach().to("cpu").float().numpy()
+    request = pb.AdaptRequest(
+        request_ids=list(request_ids or ()),
+        statistics=codec.encode(np.asarray(statistics, dtype=np.float32)),
+        dtype=codec.parse_dtype(dtype),
+        held_adapter_keys=list(held_keys),
+    )
+    if isinstance(policy, FixedK):
+        request.clustering.fixed.k = policy.k
+    elif isinstance(policy, AutoK):
+        request.clustering.auto.max_k = policy.max_k
+        request.clustering.auto.min_cluster_size = policy.min_cluster_size
+    elif policy is not None:
+        raise TypeError(f"policy: expected FixedK, AutoK or None, got {type(policy).__name__}")
+    return request
+
+
+def parse_adapt_response(
+    response: pb.AdaptResponse,
+    manifest: ServiceManifest,
+    n_rows: int,
+    dtype: str,
+    as_torch: bool = False,
+    device: Any = None,
+) -> AdaptResult:
+    """Check every tensor against the manifest (shape, dtype, byte length) and type the result."""
+    assignments = np.asarray(response.assignments, dtype=np.int32)
+    k = len(response.clusters)
+    if assignments.shape != (n_rows,):
+        raise InvalidResponse(f"assignments: {len(assignments)} entries, expected {n_rows}")
+    if n_rows and (assignments.min() < 0 or assignments.max() >= k):
+        raise InvalidResponse(f"assignments: values outside 0..{k - 1}")
+    shapes = {name: (d_in, d_out) for name, d_in, d_out in manifest.targets}
+    r = manifest.rank
+    clusters = []
+    for i, c in enumerate(response.clusters):
+        if c.index != i:
+            raise InvalidResponse(f"clusters[{i}].index: got {c.index}, expected {i}")
+        modules = {}
+        if not c.omitted:
+            for m in c.modules:
+                if m.module not in shapes:
+                    raise InvalidResponse(f"clusters[{i}].modules: unknown module {m.module!r}")
+                d_in, d_out = shapes[m.module]
+                try:
+                    a = codec.decode(m.a, f"clusters[{i}].{m.module}.a", shape=(r, d_in), dtype=dtype)
+                    b = codec.decode(m.b, f"clusters[{i}].{m.module}.b", shape=(d_out, r), dtype=dtype)
+                except codec.CodecError as exc:
+                    raise InvalidResponse(str(exc)) from exc
+                if as_torch:
+                    a, b = codec.to_torch(a, device), codec.to_torch(b, device)
+                modules[m.module] = ModuleDelta(a, b)
+            if len(modules) != len(shapes):
+                raise InvalidResponse(f"clusters[{i}]: {len(modules)} modules, expected {len(shapes)}")
+        clusters.append(ClusterAdapter(c.index, c.size, c.adapter_key, c.omitted, modules))
+    t = response.timings
+    timings = {s: getattr(t, s) for s in ("decode", "cluster", "hypernetwork", "encode", "total")}
+    return AdaptResult(assignments, tuple(clusters), timings, response.artifact_id)
+
+
+def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+class AdapterClient:
+    """Blocking client. `timeout` (seconds) is the default deadline of every call."""
+
+    def __init__(
+        self, address: str, *, timeout: float = 2.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(address, options=_channel_options(max_message_bytes))
+        self.stub = pb_grpc.AdapterServiceStub(self.channel)
+        self._manifest: ServiceManifest | None = None
+
+    def manifest(self, timeout: float | None = None, refresh: bool = False) -> ServiceManifest:
+        if self._manifest is None or refresh:
+            message = self._call(self.stub.GetManifest, pb.GetManifestRequest(), timeout)
+            self._manifest = ServiceManifest.from_message(message)
+        return self._manifest
+
+    def adapt(
+        self,
+        statistics: Any,
+        *,
+        request_ids: Sequence[str] | None = None,
+        policy: ClusteringPolicy | None = None,
+        dtype: str = "float32",
+        held_keys: Sequence[str] = (),
+        timeout: float | None = None,
+        as_torch: bool = False,
+        device: Any = None,
+    ) -> AdaptResult:
+        """One batch's statistics [N, D] -> per-row cluster and per-cluster (A, B) for each target."""
+        manifest = self.manifest(timeout)
+        request = build_adapt_request(
+            statistics, request_ids=request_ids, policy=policy, dtype=dtype, held_keys=held_keys
+        )
+        response = self._call(self.stub.Adapt, request, timeout)
+        return parse_adapt_response(
+            response, manifest, request.statistics.shape[0], dtype, as_torch=as_torch, device=device
+        )
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """"SERVING", "NOT_SERVING", ... as the standard grpc.health.v1 service reports it."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        reply = self._call(stub.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as exc:
+            raise AdapterServiceError(exc.code(), exc.details() or "") from exc
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> AdapterClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncAdapterClient:
+    """The asyncio twin of AdapterClient, for async model servers."""
+
+    def __init__(
+        self, address: str, *, timeout: float = 2.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.channel = grpc.aio.insecure_channel(address, options=_channel_options(max_message_bytes))
+        self.stub = pb_grpc.AdapterServiceStub(self.channel)
+        self._manifest: ServiceManifest | None = None
+
+    async def manifest(self, timeout: float | None = None, refresh: bool = False) -> ServiceManifest:
+        if self._manifest is None or refresh:
+            message = await self._call(self.stub.GetManifest, pb.GetManifestRequest(), timeout)
+            self._manifest = ServiceManifest.from_message(message)
+        return self._manifest
+
+    async def adapt(
+        self,
+        statistics: Any,
+        *,
+        request_ids: Sequence[str] | None = None,
+        policy: ClusteringPolicy | None = None,
+        dtype: str = "float32",
+        held_keys: Sequence[str] = (),
+        timeout: float | None = None,
+        as_torch: bool = False,
+        device: Any = None,
+    ) -> AdaptResult:
+        manifest = await self.manifest(timeout)
+        request = build_adapt_request(
+            statistics, request_ids=request_ids, policy=policy, dtype=dtype, held_keys=held_keys
+        )
+        response = await self._call(self.stub.Adapt, request, timeout)
+        return parse_adapt_response(
+            response, manifest, request.statistics.shape[0], dtype, as_torch=as_torch, device=device
+        )
+
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as exc:
+            raise AdapterServiceError(exc.code(), exc.details() or "") from exc
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncAdapterClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

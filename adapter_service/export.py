@@ -1,0 +1,204 @@
+"""Write hyper-network artifacts: torch module -> ONNX (dynamic K) -> verified against torch -> files.
+
+Refuses to write an artifact whose onnxruntime outputs differ from torch's by more than 1e-5
+relative (max |ort - torch| / max |torch| per output, fp32): the service must serve exactly what
+was trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adapter_service import __version__
+from adapter_service.artifact import CENTROIDS_INPUT, Artifact, Manifest, StatisticSpec, TargetGroup, write_artifact
+from adapter_service.hypernetwork import GroupShape, HyperNetwork, HyperNetworkConfig
+from adapter_service.model_spec import find_targets, fingerprint, group_targets
+from adapter_service.runtime import create_session
+from adapter_service.statistics import MEAN_INPUT_EMBEDDING
+
+log = logging.getLogger(__name__)
+PARITY_TOLERANCE = 1e-5
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+class ExportError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """Everything an artifact needs besides the trained weights."""
+
+    manifest_base: dict
+    hypernetwork_config: HyperNetworkConfig
+    group_modules: dict[str, list[str]]
+
+
+def load_model(model: str | os.PathLike[str]) -> torch.nn.Module:
+    """A causal LM from a local HF directory, a config.json, or a hub id (for users who are online).
+
+    A directory or file with a config but no weights is built on the meta device: shapes only,
+    no memory, and the fingerprint then carries no weights hash.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(model)
+    if path.is_file() and path.suffix == ".json":
+        config = AutoConfig.for_model(**json.loads(path.read_text()))
+        return _meta_model(config)
+    if path.is_dir() and not any((path / f).exists() for f in WEIGHT_FILES):
+        return _meta_model(AutoConfig.from_pretrained(path))
+    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+
+
+def _meta_model(config) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def plan_export(
+    model: torch.nn.Module,
+    targets: Sequence[str],
+    rank: int,
+    alpha: float | None = None,
+    hidden: int = 64,
+    init: str = "zero",
+) -> ExportPlan:
+    if rank < 1:
+        raise ValueError(f"rank: expected a positive integer, got {rank}")
+    groups = group_targets(find_targets(model, targets))
+    fp = fingerprint(model)
+    config = HyperNetworkConfig(
+        stat_dim=fp.hidden_size,
+        groups=tuple(GroupShape(name, ms[0].d_in, ms[0].d_out, len(ms)) for name, ms in groups.items()),
+        rank=rank,
+        hidden=hidden,
+        init=init,
+    )
+    alpha = float(alpha if alpha is not None else 2 * rank)
+    manifest_base = {
+        "base_model": fp,
+        "statistic": StatisticSpec(kind=MEAN_INPUT_EMBEDDING, dim=fp.hidden_size, normalization="l2"),
+        "rank": rank,
+        "scaling": alpha / rank,
+    }
+    return ExportPlan(manifest_base, config, {name: [m.name for m in ms] for name, ms in groups.items()})
+
+
+def export_artifact(
+    network: HyperNetwork, plan: ExportPlan, out: str | os.PathLike[str], facts: dict | None = None
+) -> Artifact:
+    """Export `network` to ONNX, check onnxruntime against torch, and write the artifact."""
+    network = network.eval()
+    onnx_bytes = to_onnx(network)
+    error = parity_error(network, onnx_bytes)
+    if error > PARITY_TOLERANCE:
+        raise ExportError(
+            f"onnxruntime differs from torch by {error:.2e} relative (limit {PARITY_TOLERANCE:.0e}); "
+            "artifact not written"
+        )
+    sha = hashlib.sha256(onnx_bytes).hexdigest()
+    config = network.config
+    groups = tuple(
+        TargetGroup(g.name, g.d_in, g.d_out, tuple(plan.group_modules[g.name]), f"A:{g.name}", f"B:{g.name}")
+        for g in config.groups
+    )
+    manifest = Manifest(
+        artifact_id=f"{plan.manifest_base['base_model'].architecture}-r{config.rank}-{sha[:12]}",
+        groups=groups,
+        hypernetwork_sha256=sha,
+        hypernetwork={
+            "config": config.to_json(),
+            "parameters": network.num_parameters(),
+            "onnx_parity_max_rel_error": error,
+            **(facts or {}),
+        },
+        created_by=f"chameleon-adapters {__version__}",
+        **plan.manifest_base,
+    )
+    return write_artifact(out, manifest, onnx_bytes)
+
+
+def to_onnx(network: HyperNetwork) -> bytes:
+    """ONNX with a dynamic cluster axis K, as one self-contained file."""
+    example = torch.nn.functional.normalize(torch.randn(3, network.config.stat_dim), dim=-1)
+    k = torch.export.Dim("K", min=1, max=4096)
+    with warnings.catch_warnings(), _quiet("torch.onnx"), _quiet("onnxscript"):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            network,
+            (example,),
+            input_names=[CENTROIDS_INPUT],
+            output_names=network.output_names,
+            dynamic_shapes=({0: k},),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    buffer = io.BytesIO()
+    program.save(buffer)
+    return buffer.getvalue()
+
+
+def parity_error(network: HyperNetwork, onnx_bytes: bytes, ks: Sequence[int] = (1, 5)) -> float:
+    """Largest normwise relative error between torch and onnxruntime over a few K."""
+    session = create_session(onnx_bytes, providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for k in ks:
+        centroids = torch.nn.functional.normalize(torch.randn(k, network.config.stat_dim, generator=generator), dim=-1)
+        with torch.no_grad():
+            expected = [t.numpy() for t in network(centroids)]
+        actual = session.run(network.output_names, {CENTROIDS_INPUT: centroids.numpy()})
+        for want, got in zip(expected, actual, strict=True):
+            if want.shape != got.shape:
+                return float("inf")
+            scale = max(float(np.abs(want).max()), 1e-30)
+            worst = max(worst, float(np.abs(got - want).max()) / scale)
+    return worst
+
+
+def make_fresh_artifact(
+    model: str | os.PathLike[str] | torch.nn.Module,
+    targets: Sequence[str],
+    rank: int,
+    out: str | os.PathLike[str],
+    *,
+    alpha: float | None = None,
+    hidden: int = 64,
+    init: str = "zero",
+    seed: int = 0,
+) -> Artifact:
+    """An artifact from a freshly initialised (untrained) hyper-network for `model`."""
+    module = load_model(model) if not isinstance(model, torch.nn.Module) else model
+    plan = plan_export(module, targets, rank, alpha=alpha, hidden=hidden, init=init)
+    torch.manual_seed(seed)
+    network = HyperNetwork(plan.hypernetwork_config)
+    return export_artifact(network, plan, out, facts={"trained": False, "seed": seed})
+
+
+class _quiet:
+    """Silence a chatty logger for the duration of a block."""
+
+    def __init__(self, name: str) -> None:
+        self.logger = logging.getLogger(name)
+
+    def __enter__(self) -> None:
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.setLevel(self.level)

@@ -1,0 +1,93 @@
+"""The hyper-network: a cluster centroid in, low-rank factors (A, B) for every target module out.
+
+Scales to many target layers without a giant output layer: a shared trunk encodes the centroid, and
+one head per target group (modules of one type and shape, e.g. all q_proj) decodes it, conditioned
+on a learned per-layer embedding. Parameters grow with the number of module *types*, not layers.
+
+B's head starts at zero, so a fresh network emits zero deltas and training starts at the base
+model, as LoRA does; `init="random"` gives non-zero B for tests and demos of the plumbing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GroupShape:
+    name: str
+    d_in: int
+    d_out: int
+    num_modules: int
+
+
+@dataclass(frozen=True)
+class HyperNetworkConfig:
+    stat_dim: int
+    groups: tuple[GroupShape, ...]
+    rank: int
+    hidden: int = 64
+    init: str = "zero"  # "zero": B = 0 (training starts at the base model); "random": small B
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> HyperNetworkConfig:
+        groups = tuple(GroupShape(**g) for g in data["groups"])
+        return cls(**{**data, "groups": groups})
+
+
+class HyperNetwork(nn.Module):
+    """centroids [K, D] -> (A_g [K, L_g, r, d_in], B_g [K, L_g, d_out, r]) for each group g."""
+
+    def __init__(self, config: HyperNetworkConfig) -> None:
+        super().__init__()
+        if config.init not in ("zero", "random"):
+            raise ValueError(f"init: got {config.init!r}, expected 'zero' or 'random'")
+        self.config = config
+        h, r = config.hidden, config.rank
+        self.trunk = nn.Sequential(nn.Linear(config.stat_dim, h), nn.GELU(), nn.Linear(h, h), nn.GELU())
+        self.layer_embeddings = nn.ParameterList(
+            [nn.Parameter(torch.randn(g.num_modules, h) * 0.02) for g in config.groups]
+        )
+        self.heads_a = nn.ModuleList([nn.Linear(h, r * g.d_in) for g in config.groups])
+        self.heads_b = nn.ModuleList([nn.Linear(h, g.d_out * r) for g in config.groups])
+        for group, head_a, head_b in zip(config.groups, self.heads_a, self.heads_b, strict=True):
+            # A's rows then have the scale of a Kaiming-initialised LoRA A (about 1/sqrt(d_in)).
+            nn.init.normal_(head_a.weight, std=1.0 / (group.d_in**0.5 * h**0.5))
+            nn.init.normal_(head_a.bias, std=1.0 / group.d_in**0.5)
+            if config.init == "zero":
+                nn.init.zeros_(head_b.weight)
+                nn.init.zeros_(head_b.bias)
+            else:
+                nn.init.normal_(head_b.weight, std=0.02 / h**0.5)
+                nn.init.normal_(head_b.bias, std=0.02)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [name for g in self.config.groups for name in (f"A:{g.name}", f"B:{g.name}")]
+
+    def forward(self, centroids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        k = centroids.shape[0]
+        r = self.config.rank
+        z = self.trunk(centroids)
+        outputs: list[torch.Tensor] = []
+        for group, emb, head_a, head_b in zip(
+            self.config.groups, self.layer_embeddings, self.heads_a, self.heads_b, strict=True
+        ):
+            u = nn.functional.gelu(z[:, None, :] + emb[None, :, :])  # [K, L, h]
+            outputs.append(head_a(u).reshape(k, group.num_modules, r, group.d_in))
+            outputs.append(head_b(u).reshape(k, group.num_modules, group.d_out, r))
+        return tuple(outputs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def group_shapes(groups: Sequence[tuple[str, int, int, int]]) -> tuple[GroupShape, ...]:
+    return tuple(GroupShape(name, d_in, d_out, n) for name, d_in, d_out, n in groups)

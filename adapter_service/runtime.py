@@ -1,0 +1,112 @@
+"""Runs an artifact's hyper-network in onnxruntime: all K centroids of a call in one session run.
+
+The CUDA execution provider is used when onnxruntime-gpu offers it, the CPU one otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from adapter_service.artifact import CENTROIDS_INPUT, Artifact, ArtifactError
+
+log = logging.getLogger(__name__)
+_ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+
+
+def import_onnxruntime():
+    """Import onnxruntime after checking exactly one of its builds is installed (they share a folder)."""
+    installed = []
+    for dist in _ORT_DISTRIBUTIONS:
+        try:
+            importlib.metadata.version(dist)
+            installed.append(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if not installed:
+        raise RuntimeError(
+            "onnxruntime is not installed; expected `pip install 'chameleon-adapters[cpu]'` "
+            "(or `[gpu]` on a CUDA host)"
+        )
+    if len(installed) > 1:
+        raise RuntimeError(
+            "both onnxruntime and onnxruntime-gpu are installed and overwrite each other's files; "
+            "expected exactly one: `pip uninstall -y onnxruntime onnxruntime-gpu` then reinstall one"
+        )
+    import onnxruntime
+
+    return onnxruntime
+
+
+def create_session(onnx_bytes: bytes, providers: list[str] | None = None, threads: int = 0):
+    """An InferenceSession on the best available provider (CUDA when present, else CPU)."""
+    ort = import_onnxruntime()
+    available = ort.get_available_providers()
+    if providers is None:
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(onnx_bytes, sess_options=options, providers=providers)
+
+
+@dataclass(frozen=True)
+class GroupOutput:
+    a: np.ndarray  # [K, L, r, d_in]
+    b: np.ndarray  # [K, L, d_out, r]
+
+
+class HyperNetworkRuntime:
+    """One loaded artifact; `generate` is thread-safe (onnxruntime sessions are)."""
+
+    def __init__(self, artifact: Artifact, providers: list[str] | None = None, threads: int = 0) -> None:
+        self.artifact = artifact
+        self.manifest = artifact.manifest
+        import_onnxruntime()  # its errors say how to install; they are not the artifact's fault
+        try:
+            self.session = create_session(artifact.onnx_bytes, providers, threads)
+        except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
+            raise ArtifactError(f"{artifact.path}: onnxruntime cannot load hypernetwork.onnx ({exc})") from exc
+        self.providers = self.session.get_providers()
+        self._check_signature()
+
+    def generate(self, centroids: np.ndarray) -> dict[str, GroupOutput]:
+        """centroids [K, D] float32 -> per group name, A and B stacked over clusters and modules."""
+        outputs = self.session.run(self._output_names, {CENTROIDS_INPUT: np.ascontiguousarray(centroids, np.float32)})
+        result = {}
+        for i, group in enumerate(self.manifest.groups):
+            result[group.name] = GroupOutput(a=outputs[2 * i], b=outputs[2 * i + 1])
+        return result
+
+    @property
+    def _output_names(self) -> list[str]:
+        return [name for g in self.manifest.groups for name in (g.output_a, g.output_b)]
+
+    def _check_signature(self) -> None:
+        """Fail at load, not at the first request, when graph and manifest disagree."""
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if CENTROIDS_INPUT not in inputs or len(inputs) != 1:
+            raise ArtifactError(f"hypernetwork.onnx: expected one input {CENTROIDS_INPUT!r}, got {list(inputs)}")
+        dim = inputs[CENTROIDS_INPUT].shape[-1]
+        if dim != self.manifest.statistic.dim:
+            raise ArtifactError(
+                f"hypernetwork.onnx: input dimension {dim} does not match statistic.dim {self.manifest.statistic.dim}"
+            )
+        names = {o.name for o in self.session.get_outputs()}
+        missing = [n for n in self._output_names if n not in names]
+        if missing:
+            raise ArtifactError(f"hypernetwork.onnx: outputs {missing} named in the manifest are missing")
+        probe = self.generate(np.zeros((1, self.manifest.statistic.dim), np.float32))
+        r = self.manifest.rank
+        for group in self.manifest.groups:
+            n = len(group.modules)
+            out = probe[group.name]
+            if out.a.shape != (1, n, r, group.d_in) or out.b.shape != (1, n, group.d_out, r):
+                raise ArtifactError(
+                    f"hypernetwork.onnx: group {group.name!r} emits A{list(out.a.shape)} B{list(out.b.shape)}, "
+                    f"expected A[1, {n}, {r}, {group.d_in}] B[1, {n}, {group.d_out}, {r}]"
+                )

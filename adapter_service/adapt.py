@@ -48,8 +48,10 @@ def adapt(
 
     # One vectorised cast per group instead of one per tensor.
     wire_dtype = codec.numpy_dtype(call.dtype)
-    cast = {name: (out.a.astype(wire_dtype, copy=False), out.b.astype(wire_dtype, copy=False))
-            for name, out in generated.items()}
+    cast = {
+        name: (out.a.astype(wire_dtype, copy=False), out.b.astype(wire_dtype, copy=False))
+        for name, out in generated.items()
+    }
 
     response = pb.AdaptResponse(assignments=grouping.assignments.tolist(), artifact_id=manifest.artifact_id)
     row_of = {cluster_index: row for row, cluster_index in enumerate(needed)}
@@ -76,7 +78,9 @@ def adapt(
     return response
 
 
-def _check_response_size(generated: int, k: int, call: AdaptCall, runtime: HyperNetworkRuntime, limits: Limits):
+def _check_response_size(
+    generated: int, k: int, call: AdaptCall, runtime: HyperNetworkRuntime, limits: Limits
+):
     """Refuse before doing the work when the answer could not be sent anyway."""
     manifest = runtime.manifest
     itemsize = codec.numpy_dtype(call.dtype).itemsize

@@ -122,8 +122,11 @@ class Manifest:
             hypernetwork=_obj(data, "hypernetwork"),
             created_by=_str(data, "created_by", allow_empty=True),
         )
-        _require(re.fullmatch(r"[0-9a-f]{64}", manifest.hypernetwork_sha256) is not None,
-                 "hypernetwork_sha256", "64 lowercase hex digits")
+        _require(
+            re.fullmatch(r"[0-9a-f]{64}", manifest.hypernetwork_sha256) is not None,
+            "hypernetwork_sha256",
+            "64 lowercase hex digits",
+        )
         names = [m for g in manifest.groups for m in g.modules]
         _require(len(names) == len(set(names)), "groups[].modules", "each module named once")
         return manifest
@@ -198,8 +201,11 @@ def _number(data: dict[str, Any], key: str, prefix: str = "") -> float:
 
 def _pos_int(data: dict[str, Any], key: str, prefix: str = "") -> int:
     value = data.get(key)
-    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, prefix + key,
-             "a positive integer")
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        prefix + key,
+        "a positive integer",
+    )
     return value
 
 
@@ -207,8 +213,11 @@ def _group(data: Any, index: int) -> TargetGroup:
     prefix = f"groups[{index}]."
     _require(isinstance(data, dict), prefix[:-1], "a JSON object")
     modules = data.get("modules")
-    _require(isinstance(modules, list) and modules and all(isinstance(m, str) and m for m in modules),
-             prefix + "modules", "a non-empty list of module names")
+    _require(
+        isinstance(modules, list) and modules and all(isinstance(m, str) and m for m in modules),
+        prefix + "modules",
+        "a non-empty list of module names",
+    )
     return TargetGroup(
         name=_str(data, "name", prefix),
         d_in=_pos_int(data, "d_in", prefix),

@@ -1,8 +1,8 @@
 """`chameleon`: the command line of the sidecar and its tools.
 
-    chameleon serve  --artifact DIR [--address 127.0.0.1:50051 | unix:PATH] [--metrics-port 9464]
-    chameleon export --model DIR|config.json|HUB_ID --targets q_proj,v_proj --rank 8 --out DIR
-    chameleon demo   (the main job: make an artifact, serve it, call it once)
+chameleon serve  --artifact DIR [--address 127.0.0.1:50051 | unix:PATH] [--metrics-port 9464]
+chameleon export --model DIR|config.json|HUB_ID --targets q_proj,v_proj --rank 8 --out DIR
+chameleon demo   (the main job: make an artifact, serve it, call it once)
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,18 @@ from adapter_service import __version__
 log = logging.getLogger("chameleon")
 
 
+def _limit_blas_threads(threads: int | None) -> None:
+    """Cap numpy's BLAS pool before numpy loads: clustering matrices are small, and BLAS threads
+    fighting onnxruntime and gRPC for the cores made tail latency 2-5x worse in the benchmark."""
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        if threads is not None:
+            os.environ[var] = str(threads)
+        else:
+            os.environ.setdefault(var, "1")
+
+
 def _serve(args: argparse.Namespace) -> int:
+    _limit_blas_threads(args.blas_threads)
     from adapter_service import logs
     from adapter_service.artifact import ArtifactError
     from adapter_service.server import ServerConfig, ServiceError, run
@@ -30,8 +42,9 @@ def _serve(args: argparse.Namespace) -> int:
         address=args.address,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         metrics_address=args.metrics_address,
-        limits=Limits(max_rows=args.max_rows, max_clusters=args.max_clusters,
-                      max_message_bytes=args.max_message_bytes),
+        limits=Limits(
+            max_rows=args.max_rows, max_clusters=args.max_clusters, max_message_bytes=args.max_message_bytes
+        ),
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         workers=args.workers,
         ort_threads=args.ort_threads,
@@ -54,7 +67,13 @@ def _export(args: argparse.Namespace) -> int:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     try:
         artifact = make_fresh_artifact(
-            args.model, targets, args.rank, args.out, alpha=args.alpha, hidden=args.hidden, init=args.init,
+            args.model,
+            targets,
+            args.rank,
+            args.out,
+            alpha=args.alpha,
+            hidden=args.hidden,
+            init=args.init,
             seed=args.seed,
         )
     except (ValueError, OSError) as exc:
@@ -62,9 +81,11 @@ def _export(args: argparse.Namespace) -> int:
         return 2
     m = artifact.manifest
     print(f"wrote {artifact.path} ({m.artifact_id}, sha256 {artifact.sha256})")
-    print(f"  {len(m.targets)} target modules in {len(m.groups)} groups, rank {m.rank}, "
-          f"{m.hypernetwork['parameters']:,} hyper-network parameters, "
-          f"onnx parity {m.hypernetwork['onnx_parity_max_rel_error']:.1e}")
+    print(
+        f"  {len(m.targets)} target modules in {len(m.groups)} groups, rank {m.rank}, "
+        f"{m.hypernetwork['parameters']:,} hyper-network parameters, "
+        f"onnx parity {m.hypernetwork['onnx_parity_max_rel_error']:.1e}"
+    )
     return 0
 
 
@@ -80,8 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the adapter service (gRPC sidecar)")
-    serve.add_argument("--artifact", required=True, help="artifact directory (hypernetwork.onnx + manifest.json)")
-    serve.add_argument("--address", default="127.0.0.1:50051", help="host:port or unix:PATH (default loopback)")
+    serve.add_argument(
+        "--artifact", required=True, help="artifact directory (hypernetwork.onnx + manifest.json)"
+    )
+    serve.add_argument(
+        "--address", default="127.0.0.1:50051", help="host:port or unix:PATH (default loopback)"
+    )
     serve.add_argument("--metrics-port", type=int, default=9464, help="Prometheus port; -1 disables, 0 = any")
     serve.add_argument("--metrics-address", default="127.0.0.1")
     serve.add_argument("--max-rows", type=int, default=1024, help="max statistics rows per Adapt call")
@@ -89,7 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024)
     serve.add_argument("--max-concurrent-rpcs", type=int, default=64)
     serve.add_argument("--workers", type=int, default=4, help="threads running Adapt")
-    serve.add_argument("--ort-threads", type=int, default=0, help="onnxruntime intra-op threads (0 = default)")
+    serve.add_argument(
+        "--ort-threads", type=int, default=0, help="onnxruntime intra-op threads (0 = default)"
+    )
+    serve.add_argument(
+        "--blas-threads",
+        type=int,
+        default=None,
+        help="numpy BLAS threads (default 1 unless OPENBLAS_NUM_THREADS/MKL_NUM_THREADS is set)",
+    )
     serve.add_argument("--seed", type=int, default=0, help="k-means seed (same input, same groups)")
     serve.add_argument("--grace", type=float, default=5.0, help="seconds to drain calls on SIGTERM")
     serve.add_argument("--expect-sha256", help="refuse to start unless the artifact has this sha256")
@@ -99,12 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write an artifact from a freshly initialised hyper-network")
     export.add_argument("--model", required=True, help="local HF directory, config.json, or hub id")
-    export.add_argument("--targets", required=True, help="comma-separated module names or globs, e.g. q_proj,v_proj")
+    export.add_argument(
+        "--targets", required=True, help="comma-separated module names or globs, e.g. q_proj,v_proj"
+    )
     export.add_argument("--rank", type=int, default=8)
-    export.add_argument("--alpha", type=float, default=None, help="LoRA alpha (scaling = alpha / rank); default 2r")
+    export.add_argument(
+        "--alpha", type=float, default=None, help="LoRA alpha (scaling = alpha / rank); default 2r"
+    )
     export.add_argument("--hidden", type=int, default=64, help="hyper-network width")
-    export.add_argument("--init", choices=("zero", "random"), default="zero",
-                        help="zero: untrained network emits zero deltas (default); random: non-zero, for plumbing tests")
+    export.add_argument(
+        "--init",
+        choices=("zero", "random"),
+        default="zero",
+        help="zero: untrained network emits zero deltas (default); random: non-zero, for plumbing tests",
+    )
     export.add_argument("--seed", type=int, default=0)
     export.add_argument("--out", required=True)
     export.set_defaults(func=_export)

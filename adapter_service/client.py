@@ -56,9 +56,12 @@ class ServiceManifest:
         return cls(
             artifact_id=m.artifact_id,
             artifact_sha256=m.artifact_sha256,
-            base_model=Fingerprint(fp.architecture, fp.hidden_size, fp.vocab_size, fp.num_layers, fp.weights_sha256),
-            statistic=StatisticSpec(m.statistic.kind, m.statistic.dim, m.statistic.normalization,
-                                    dict(m.statistic.params)),
+            base_model=Fingerprint(
+                fp.architecture, fp.hidden_size, fp.vocab_size, fp.num_layers, fp.weights_sha256
+            ),
+            statistic=StatisticSpec(
+                m.statistic.kind, m.statistic.dim, m.statistic.normalization, dict(m.statistic.params)
+            ),
             targets=tuple((t.name, t.d_in, t.d_out) for t in m.targets),
             rank=m.rank,
             scaling=m.scaling,
@@ -214,7 +217,7 @@ class AdapterClient:
         )
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
-        """"SERVING", "NOT_SERVING", ... as the standard grpc.health.v1 service reports it."""
+        """ "SERVING", "NOT_SERVING", ... as the standard grpc.health.v1 service reports it."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self.channel)

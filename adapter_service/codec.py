@@ -24,7 +24,11 @@ _NUMPY: dict[int, np.dtype] = {
     pb.DTYPE_FLOAT16: np.dtype("<f2"),
     pb.DTYPE_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
 }
-_NAMES: dict[str, int] = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16, "bfloat16": pb.DTYPE_BFLOAT16}
+_NAMES: dict[str, int] = {
+    "float32": pb.DTYPE_FLOAT32,
+    "float16": pb.DTYPE_FLOAT16,
+    "bfloat16": pb.DTYPE_BFLOAT16,
+}
 _ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
 SUPPORTED_DTYPES: tuple[str, ...] = tuple(_NAMES)
 
@@ -87,14 +91,17 @@ def decode(
         raise CodecError(f"{field}.dtype", f"unspecified; expected one of {_expected_dtypes()}")
     wire = parse_dtype(tensor.dtype, f"{field}.dtype")
     if dtype is not None and wire != parse_dtype(dtype):
-        raise CodecError(f"{field}.dtype", f"got {dtype_name(wire)}, expected {dtype_name(parse_dtype(dtype))}")
+        raise CodecError(
+            f"{field}.dtype", f"got {dtype_name(wire)}, expected {dtype_name(parse_dtype(dtype))}"
+        )
     dims = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in dims):
         raise CodecError(f"{field}.shape", f"{list(dims)} has a negative dimension; expected sizes >= 0")
-    if shape is not None:
-        if len(dims) != len(shape) or any(e is not None and d != e for d, e in zip(dims, shape, strict=False)):
-            want = ["*" if e is None else e for e in shape]
-            raise CodecError(f"{field}.shape", f"got {list(dims)}, expected {want}")
+    if shape is not None and (
+        len(dims) != len(shape) or any(e is not None and d != e for d, e in zip(dims, shape, strict=False))
+    ):
+        want = ", ".join("*" if e is None else str(e) for e in shape)
+        raise CodecError(f"{field}.shape", f"got {list(dims)}, expected [{want}]")
     np_dtype = _NUMPY[wire]
     count = int(np.prod(dims, dtype=np.int64)) if dims else 1
     expected_bytes = count * np_dtype.itemsize
@@ -107,7 +114,9 @@ def decode(
     array = np.frombuffer(tensor.data, dtype=np_dtype).reshape(dims)
     if require_finite and not np.isfinite(array.astype(np.float32, copy=False)).all():
         bad = int(np.count_nonzero(~np.isfinite(array.astype(np.float32))))
-        raise CodecError(f"{field}.data", f"{bad} non-finite values (NaN or Inf); expected only finite values")
+        raise CodecError(
+            f"{field}.data", f"{bad} non-finite values (NaN or Inf); expected only finite values"
+        )
     return array
 
 
@@ -128,7 +137,9 @@ def _from_numpy(dtype: np.dtype) -> int:
     for wire, np_dtype in _NUMPY.items():
         if np_dtype == dtype.newbyteorder("<"):
             return wire
-    raise CodecError("dtype", f"numpy dtype {dtype} is not supported; expected one of {', '.join(SUPPORTED_DTYPES)}")
+    raise CodecError(
+        "dtype", f"numpy dtype {dtype} is not supported; expected one of {', '.join(SUPPORTED_DTYPES)}"
+    )
 
 
 def _expected_dtypes() -> str:

@@ -58,9 +58,12 @@ def run_demo(workdir: Path = Path(".chameleon/demo"), batch: int = 32) -> int:
     started = time.perf_counter()
     artifact = make_fresh_artifact(DEFAULT_CONFIG, ["q_proj", "v_proj"], 8, artifact_dir, init="random")
     m = artifact.manifest
-    print(f"      {artifact_dir}: {m.artifact_id}, {len(m.targets)} target modules, "
-          f"{m.hypernetwork['parameters']:,} parameters, ONNX parity {m.hypernetwork['onnx_parity_max_rel_error']:.1e}"
-          f" ({time.perf_counter() - started:.1f} s)")
+    print(
+        f"      {artifact_dir}: {m.artifact_id}, {len(m.targets)} target modules, "
+        f"{m.hypernetwork['parameters']:,} parameters, "
+        f"ONNX parity {m.hypernetwork['onnx_parity_max_rel_error']:.1e} "
+        f"({time.perf_counter() - started:.1f} s)"
+    )
 
     port, metrics_port = _free_port(), _free_port()
     address = f"127.0.0.1:{port}"
@@ -68,9 +71,21 @@ def run_demo(workdir: Path = Path(".chameleon/demo"), batch: int = 32) -> int:
     log_path = workdir / "sidecar.log"
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "adapter_service.cli", "serve", "--artifact", str(artifact_dir),
-             "--address", address, "--metrics-port", str(metrics_port)],
-            stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            [
+                sys.executable,
+                "-m",
+                "adapter_service.cli",
+                "serve",
+                "--artifact",
+                str(artifact_dir),
+                "--address",
+                address,
+                "--metrics-port",
+                str(metrics_port),
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     try:
         with AdapterClient(address, timeout=10.0) as client:
@@ -83,23 +98,37 @@ def run_demo(workdir: Path = Path(".chameleon/demo"), batch: int = 32) -> int:
             _print_groups(result, domains)
             _print_adapters(result, m.scaling)
             t = result.timings
-            print(f"      server time {t['total'] * 1e3:.1f} ms (cluster {t['cluster'] * 1e3:.1f}, "
-                  f"hyper-network {t['hypernetwork'] * 1e3:.1f}, encode {t['encode'] * 1e3:.1f})")
+            print(
+                f"      server time {t['total'] * 1e3:.1f} ms (cluster {t['cluster'] * 1e3:.1f}, "
+                f"hyper-network {t['hypernetwork'] * 1e3:.1f}, encode {t['encode'] * 1e3:.1f})"
+            )
             _step(4, steps, "same batch again, passing the adapter keys already held (tensors left out)")
-            again = client.adapt(stats, request_ids=ids, policy=AutoK(max_k=8), dtype="float16",
-                                 held_keys=[c.key for c in result.clusters])
+            again = client.adapt(
+                stats,
+                request_ids=ids,
+                policy=AutoK(max_k=8),
+                dtype="float16",
+                held_keys=[c.key for c in result.clusters],
+            )
             same = np.array_equal(again.assignments, result.assignments)
-            print(f"      same groups: {same}; clusters sent without tensors: {sum(c.omitted for c in again.clusters)}"
-                  f"/{again.k}; server time {again.timings['total'] * 1e3:.1f} ms")
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            omitted = sum(c.omitted for c in again.clusters)
+            print(
+                f"      same groups: {same}; clusters sent without tensors: {omitted}/{again.k}; "
+                f"server time {again.timings['total'] * 1e3:.1f} ms"
+            )
+        metrics = (
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        )
         calls = [line for line in metrics.splitlines() if line.startswith("chameleon_rpcs_total")]
         print("      metrics: " + "; ".join(calls))
     finally:
         _step(5, steps, "stopping the sidecar (SIGTERM)")
         code = _terminate(proc)
     print(f"      sidecar exited with code {code}")
-    print("\nThis artifact is untrained: the groups are real, the adapters are not yet useful. "
-          "`chameleon serve --artifact DIR` serves any artifact the same way.")
+    print(
+        "\nThis artifact is untrained: the groups are real, the adapters are not yet useful. "
+        "`chameleon serve --artifact DIR` serves any artifact the same way."
+    )
     return 0 if code == 0 else 1
 
 
@@ -144,5 +173,7 @@ def _print_adapters(result, scaling: float) -> None:
     a, b = delta.a.astype(np.float32), delta.b.astype(np.float32)
     norm = scaling * np.linalg.norm(b @ a)
     n_bytes = sum(d.a.nbytes + d.b.nbytes for cl in result.clusters for d in cl.modules.values())
-    print(f"      cluster 0, {name}: A {list(a.shape)} B {list(b.shape)} {delta.a.dtype}, ||s B A|| = {norm:.4f}; "
-          f"{n_bytes / 1e6:.1f} MB of adapters for the batch")
+    print(
+        f"      cluster 0, {name}: A {list(a.shape)} B {list(b.shape)} {delta.a.dtype}, "
+        f"||s B A|| = {norm:.4f}; {n_bytes / 1e6:.1f} MB of adapters for the batch"
+    )

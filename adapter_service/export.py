@@ -21,7 +21,14 @@ import numpy as np
 import torch
 
 from adapter_service import __version__
-from adapter_service.artifact import CENTROIDS_INPUT, Artifact, Manifest, StatisticSpec, TargetGroup, write_artifact
+from adapter_service.artifact import (
+    CENTROIDS_INPUT,
+    Artifact,
+    Manifest,
+    StatisticSpec,
+    TargetGroup,
+    write_artifact,
+)
 from adapter_service.hypernetwork import GroupShape, HyperNetwork, HyperNetworkConfig
 from adapter_service.model_spec import find_targets, fingerprint, group_targets
 from adapter_service.runtime import create_session
@@ -159,7 +166,9 @@ def parity_error(network: HyperNetwork, onnx_bytes: bytes, ks: Sequence[int] = (
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     for k in ks:
-        centroids = torch.nn.functional.normalize(torch.randn(k, network.config.stat_dim, generator=generator), dim=-1)
+        centroids = torch.nn.functional.normalize(
+            torch.randn(k, network.config.stat_dim, generator=generator), dim=-1
+        )
         with torch.no_grad():
             expected = [t.numpy() for t in network(centroids)]
         actual = session.run(network.output_names, {CENTROIDS_INPUT: centroids.numpy()})

@@ -16,27 +16,45 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.stage_seconds = Histogram(
-            "chameleon_adapt_stage_seconds", "Adapt latency per stage", ["stage"],
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "chameleon_adapt_stage_seconds",
+            "Adapt latency per stage",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.rows = Histogram(
-            "chameleon_adapt_rows", "Rows (requests) per Adapt call",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=self.registry,
+            "chameleon_adapt_rows",
+            "Rows (requests) per Adapt call",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=self.registry,
         )
         self.clusters = Histogram(
-            "chameleon_adapt_clusters", "Clusters per Adapt call",
-            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=self.registry,
+            "chameleon_adapt_clusters",
+            "Clusters per Adapt call",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+            registry=self.registry,
         )
         self.adapters = Counter(
-            "chameleon_adapters", "Cluster adapters answered, by whether tensors were sent or left out",
-            ["outcome"], registry=self.registry,
+            "chameleon_adapters",
+            "Cluster adapters answered, by whether tensors were sent or left out",
+            ["outcome"],
+            registry=self.registry,
         )
-        self.response_bytes = Counter("chameleon_adapt_response_bytes", "Bytes of Adapt responses",
-                                      registry=self.registry)
-        self.rpcs = Counter("chameleon_rpcs", "RPCs handled, by method and status code", ["method", "code"],
-                            registry=self.registry)
-        self.errors = Counter("chameleon_rpc_errors", "Failed RPCs, by method and status code",
-                              ["method", "code"], registry=self.registry)
+        self.response_bytes = Counter(
+            "chameleon_adapt_response_bytes", "Bytes of Adapt responses", registry=self.registry
+        )
+        self.rpcs = Counter(
+            "chameleon_rpcs",
+            "RPCs handled, by method and status code",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "chameleon_rpc_errors",
+            "Failed RPCs, by method and status code",
+            ["method", "code"],
+            registry=self.registry,
+        )
         self._http = None
 
     def serve(self, port: int, address: str = "127.0.0.1") -> int:

@@ -70,13 +70,17 @@ class HyperNetworkRuntime:
         try:
             self.session = create_session(artifact.onnx_bytes, providers, threads)
         except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
-            raise ArtifactError(f"{artifact.path}: onnxruntime cannot load hypernetwork.onnx ({exc})") from exc
+            raise ArtifactError(
+                f"{artifact.path}: onnxruntime cannot load hypernetwork.onnx ({exc})"
+            ) from exc
         self.providers = self.session.get_providers()
         self._check_signature()
 
     def generate(self, centroids: np.ndarray) -> dict[str, GroupOutput]:
         """centroids [K, D] float32 -> per group name, A and B stacked over clusters and modules."""
-        outputs = self.session.run(self._output_names, {CENTROIDS_INPUT: np.ascontiguousarray(centroids, np.float32)})
+        outputs = self.session.run(
+            self._output_names, {CENTROIDS_INPUT: np.ascontiguousarray(centroids, np.float32)}
+        )
         result = {}
         for i, group in enumerate(self.manifest.groups):
             result[group.name] = GroupOutput(a=outputs[2 * i], b=outputs[2 * i + 1])
@@ -90,11 +94,14 @@ class HyperNetworkRuntime:
         """Fail at load, not at the first request, when graph and manifest disagree."""
         inputs = {i.name: i for i in self.session.get_inputs()}
         if CENTROIDS_INPUT not in inputs or len(inputs) != 1:
-            raise ArtifactError(f"hypernetwork.onnx: expected one input {CENTROIDS_INPUT!r}, got {list(inputs)}")
+            raise ArtifactError(
+                f"hypernetwork.onnx: expected one input {CENTROIDS_INPUT!r}, got {list(inputs)}"
+            )
         dim = inputs[CENTROIDS_INPUT].shape[-1]
         if dim != self.manifest.statistic.dim:
             raise ArtifactError(
-                f"hypernetwork.onnx: input dimension {dim} does not match statistic.dim {self.manifest.statistic.dim}"
+                f"hypernetwork.onnx: input dimension {dim} does not match "
+                f"statistic.dim {self.manifest.statistic.dim}"
             )
         names = {o.name for o in self.session.get_outputs()}
         missing = [n for n in self._output_names if n not in names]
@@ -107,6 +114,7 @@ class HyperNetworkRuntime:
             out = probe[group.name]
             if out.a.shape != (1, n, r, group.d_in) or out.b.shape != (1, n, group.d_out, r):
                 raise ArtifactError(
-                    f"hypernetwork.onnx: group {group.name!r} emits A{list(out.a.shape)} B{list(out.b.shape)}, "
-                    f"expected A[1, {n}, {r}, {group.d_in}] B[1, {n}, {group.d_out}, {r}]"
+                    f"hypernetwork.onnx: group {group.name!r} emits A{list(out.a.shape)} "
+                    f"B{list(out.b.shape)}, expected A[1, {n}, {r}, {group.d_in}] "
+                    f"B[1, {n}, {group.d_out}, {r}]"
                 )

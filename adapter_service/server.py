@@ -75,7 +75,11 @@ class AdapterServer:
         pb_grpc.add_AdapterServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         try:
@@ -96,9 +100,13 @@ class AdapterServer:
         log.info(
             "serving",
             extra={
-                "address": self.address, "metrics_port": self.metrics_port, "artifact_id": m.artifact_id,
-                "artifact_sha256": self.runtime.artifact.sha256, "providers": self.runtime.providers,
-                "targets": len(m.targets), "rank": m.rank,
+                "address": self.address,
+                "metrics_port": self.metrics_port,
+                "artifact_id": m.artifact_id,
+                "artifact_sha256": self.runtime.artifact.sha256,
+                "providers": self.runtime.providers,
+                "targets": len(m.targets),
+                "rank": m.rank,
             },
         )
         return self.address

@@ -28,11 +28,16 @@ def manifest_message(artifact: Artifact, limits: Limits) -> pb.Manifest:
         artifact_id=m.artifact_id,
         artifact_sha256=artifact.sha256,
         base_model=pb.ModelFingerprint(
-            architecture=fp.architecture, hidden_size=fp.hidden_size, vocab_size=fp.vocab_size,
-            num_layers=fp.num_layers, weights_sha256=fp.weights_sha256,
+            architecture=fp.architecture,
+            hidden_size=fp.hidden_size,
+            vocab_size=fp.vocab_size,
+            num_layers=fp.num_layers,
+            weights_sha256=fp.weights_sha256,
         ),
         statistic=pb.StatisticSpec(
-            kind=m.statistic.kind, dim=m.statistic.dim, normalization=m.statistic.normalization,
+            kind=m.statistic.kind,
+            dim=m.statistic.dim,
+            normalization=m.statistic.normalization,
             params=m.statistic.params,
         ),
         targets=[pb.TargetModule(name=name, d_in=d_in, d_out=d_out) for name, d_in, d_out in m.targets],
@@ -40,7 +45,9 @@ def manifest_message(artifact: Artifact, limits: Limits) -> pb.Manifest:
         scaling=m.scaling,
         dtypes=OFFERED_DTYPES,
         limits=pb.Limits(
-            max_rows=limits.max_rows, max_clusters=limits.max_clusters, max_message_bytes=limits.max_message_bytes
+            max_rows=limits.max_rows,
+            max_clusters=limits.max_clusters,
+            max_message_bytes=limits.max_message_bytes,
         ),
     )
 
@@ -61,7 +68,9 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
         self.seed = seed
         self._manifest = manifest_message(runtime.artifact, limits)
 
-    async def GetManifest(self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext) -> pb.Manifest:
+    async def GetManifest(
+        self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Manifest:
         self.metrics.rpcs.labels("GetManifest", "OK").inc()
         return self._manifest
 
@@ -71,7 +80,9 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
             response = await loop.run_in_executor(self.executor, self._adapt, request)
         except RequestError as exc:
             self._count_error(exc.code)
-            log.warning("adapt rejected", extra={"field": exc.field, "code": exc.code.name, "error": str(exc)})
+            log.warning(
+                "adapt rejected", extra={"field": exc.field, "code": exc.code.name, "error": str(exc)}
+            )
             await context.abort(exc.code, str(exc))
         except Exception as exc:  # a bug or a runtime failure: answer INTERNAL and keep serving
             self._count_error(grpc.StatusCode.INTERNAL)
@@ -100,5 +111,11 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
         m.adapters.labels("sent").inc(len(response.clusters) - omitted)
         m.adapters.labels("omitted").inc(omitted)
         m.response_bytes.inc(response.ByteSize())
-        log.debug("adapt", extra={"rows": len(response.assignments), "clusters": len(response.clusters),
-                                  "total_s": response.timings.total})
+        log.debug(
+            "adapt",
+            extra={
+                "rows": len(response.assignments),
+                "clusters": len(response.clusters),
+                "total_s": response.timings.total,
+            },
+        )

@@ -70,17 +70,22 @@ def parse_adapt_request(request: pb.AdaptRequest, manifest: Manifest, limits: Li
     if not finite.all():
         row = int(np.argwhere(~finite)[0][0])
         raise RequestError(
-            invalid, "statistics.data",
+            invalid,
+            "statistics.data",
             f"{int((~finite).sum())} non-finite values (first in row {row}); expected finite values",
         )
     if not np.any(stats, axis=1).all():
         row = int(np.argwhere(~np.any(stats, axis=1))[0][0])
-        raise RequestError(invalid, "statistics.data", f"row {row} is all zeros; expected a non-zero statistic")
+        raise RequestError(
+            invalid, "statistics.data", f"row {row} is all zeros; expected a non-zero statistic"
+        )
 
     ids = tuple(request.request_ids)
     if ids:
         if len(ids) != n:
-            raise RequestError(invalid, "request_ids", f"{len(ids)} ids for {n} rows; expected one per row or none")
+            raise RequestError(
+                invalid, "request_ids", f"{len(ids)} ids for {n} rows; expected one per row or none"
+            )
         if len(set(ids)) != n:
             dup = next(i for i, count in Counter(ids).items() if count > 1)
             raise RequestError(invalid, "request_ids", f"duplicate id {dup!r}; expected unique ids")
@@ -88,7 +93,9 @@ def parse_adapt_request(request: pb.AdaptRequest, manifest: Manifest, limits: Li
     dtype = request.dtype or pb.DTYPE_FLOAT32
     if dtype not in (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16):
         raise RequestError(
-            invalid, "dtype", f"unknown value {dtype}; expected DTYPE_FLOAT32, DTYPE_FLOAT16 or DTYPE_BFLOAT16"
+            invalid,
+            "dtype",
+            f"unknown value {dtype}; expected DTYPE_FLOAT32, DTYPE_FLOAT16 or DTYPE_BFLOAT16",
         )
     return AdaptCall(
         request_ids=ids,
@@ -107,15 +114,21 @@ def _policy(request: pb.AdaptRequest, limits: Limits) -> ClusteringPolicy:
     if which == "fixed":
         k = request.clustering.fixed.k
         if not 1 <= k <= limits.max_clusters:
-            raise RequestError(invalid, "clustering.fixed.k", f"got {k}; expected 1 <= k <= {limits.max_clusters}")
+            raise RequestError(
+                invalid, "clustering.fixed.k", f"got {k}; expected 1 <= k <= {limits.max_clusters}"
+            )
         return FixedK(k)
     auto = request.clustering.auto
     if not 1 <= auto.max_k <= limits.max_clusters:
         raise RequestError(
-            invalid, "clustering.auto.max_k", f"got {auto.max_k}; expected 1 <= max_k <= {limits.max_clusters}"
+            invalid,
+            "clustering.auto.max_k",
+            f"got {auto.max_k}; expected 1 <= max_k <= {limits.max_clusters}",
         )
     if auto.min_cluster_size < 0:
         raise RequestError(
-            invalid, "clustering.auto.min_cluster_size", f"got {auto.min_cluster_size}; expected >= 1 (0 means 1)"
+            invalid,
+            "clustering.auto.min_cluster_size",
+            f"got {auto.min_cluster_size}; expected >= 1 (0 means 1)",
         )
     return AutoK(max_k=auto.max_k, min_cluster_size=max(1, auto.min_cluster_size))

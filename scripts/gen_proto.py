@@ -10,7 +10,6 @@ import is rewritten so the generated modules live inside the package.
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 from pathlib import Path
 

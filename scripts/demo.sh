@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: set up .venv, then run `chameleon demo`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup_env.sh cpu
+exec .venv/bin/chameleon demo "$@"

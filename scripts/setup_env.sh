@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Create or update .venv with everything the project needs; safe to re-run.
+#   scripts/setup_env.sh [EXTRAS]        EXTRAS defaults to "cpu" (e.g. "cpu,test", "gpu,test")
+# torch is installed first and pinned, so no dependency can pull a different (multi-GB CUDA) build:
+# TORCH_SPEC overrides it (default torch==2.13.0, the CPU wheel on the project's machines). On a GPU
+# host, install the CUDA build of torch you want into .venv first; an installed torch is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-cpu}"
+torch_spec="${TORCH_SPEC:-torch==2.13.0}"
+
+python_bin="${PYTHON:-}"
+if [ -z "$python_bin" ]; then
+  for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      python_bin="$candidate"; break
+    fi
+  done
+fi
+[ -n "$python_bin" ] || { echo "error: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+
+if [ ! -x .venv/bin/python ]; then
+  echo "creating .venv with $python_bin"
+  "$python_bin" -m venv .venv
+fi
+py=.venv/bin/python
+"$py" -m pip install --quiet --upgrade pip
+if ! "$py" -c 'import torch' 2>/dev/null; then
+  echo "installing $torch_spec"
+  "$py" -m pip install --quiet "$torch_spec"
+fi
+# Exactly one onnxruntime build may be installed: drop the other before installing.
+case ",$extras," in
+  *,gpu,*) "$py" -m pip uninstall --quiet -y onnxruntime 2>/dev/null || true ;;
+  *) "$py" -m pip uninstall --quiet -y onnxruntime-gpu 2>/dev/null || true ;;
+esac
+echo "installing chameleon-adapters[$extras]"
+"$py" -m pip install --quiet -e ".[$extras]"

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command (CI runs it): set up .venv with the test extras, lint, then run the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup_env.sh cpu,test
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny real models built from configs, real artifacts, a real server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapter_service.export import make_fresh_artifact
+from adapter_service.server import AdapterServer, ServerConfig
+from adapter_service.validation import Limits
+
+
+def tiny_llama(seed: int = 0) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=256, n_positions=128)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def artifact_dir(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path:
+    """Random-init (non-zero B) artifact for q_proj and v_proj of the tiny Llama, rank 4."""
+    out = tmp_path_factory.mktemp("artifact")
+    make_fresh_artifact(llama_dir, ["q_proj", "v_proj"], 4, out, init="random", seed=1)
+    return out
+
+
+class ServerThread:
+    """A real AdapterServer on its own event loop in a background thread."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.server = AdapterServer(config)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.address = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
+
+    def stop(self, grace: float = 0.5) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def start_server(artifact: Path, **overrides) -> ServerThread:
+    config = ServerConfig(artifact=artifact, address="127.0.0.1:0", metrics_port=0, **overrides)
+    return ServerThread(config)
+
+
+@pytest.fixture(scope="module")
+def server(artifact_dir: Path) -> Iterator[ServerThread]:
+    running = start_server(
+        artifact_dir, limits=Limits(max_rows=256, max_clusters=8, max_message_bytes=8 << 20)
+    )
+    yield running
+    running.stop()

@@ -1,0 +1,154 @@
+"""Artifacts: export parity with torch, dynamic K, zero init, target discovery, strict loading."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama
+
+from adapter_service.artifact import ArtifactError, load_artifact
+from adapter_service.export import load_model, make_fresh_artifact, parity_error, plan_export
+from adapter_service.hypernetwork import HyperNetwork
+from adapter_service.model_spec import embedding_sha256, find_targets, fingerprint
+from adapter_service.runtime import HyperNetworkRuntime
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def test_onnx_matches_torch_for_several_k(tmp_path: Path) -> None:
+    model = tiny_llama()
+    plan = plan_export(model, ["q_proj", "v_proj"], rank=4, init="random")
+    torch.manual_seed(3)
+    network = HyperNetwork(plan.hypernetwork_config).eval()
+    from adapter_service.export import export_artifact
+
+    artifact = export_artifact(network, plan, tmp_path / "a")
+    runtime = HyperNetworkRuntime(artifact)
+    for k in (1, 2, 7, 16):
+        centroids = torch.nn.functional.normalize(torch.randn(k, 64), dim=-1)
+        with torch.no_grad():
+            want = network(centroids)
+        got = runtime.generate(centroids.numpy())
+        for i, group in enumerate(artifact.manifest.groups):
+            assert got[group.name].a.shape == (k, 2, 4, group.d_in)
+            assert got[group.name].b.shape == (k, 2, group.d_out, 4)
+            assert relative_error(got[group.name].a, want[2 * i].numpy()) <= 1e-5
+            assert relative_error(got[group.name].b, want[2 * i + 1].numpy()) <= 1e-5
+    assert artifact.manifest.hypernetwork["onnx_parity_max_rel_error"] <= 1e-5
+
+
+def test_parity_check_catches_a_different_network() -> None:
+    plan = plan_export(tiny_llama(), ["q_proj"], rank=2, init="random")
+    from adapter_service.export import to_onnx
+
+    torch.manual_seed(0)
+    exported = HyperNetwork(plan.hypernetwork_config).eval()
+    torch.manual_seed(1)
+    other = HyperNetwork(plan.hypernetwork_config).eval()
+    onnx_bytes = to_onnx(exported)
+    assert parity_error(exported, onnx_bytes) <= 1e-5
+    assert parity_error(other, onnx_bytes) > 1e-2
+
+
+def test_zero_init_emits_zero_deltas(tmp_path: Path) -> None:
+    artifact = make_fresh_artifact(tiny_llama(), ["q_proj", "v_proj"], 4, tmp_path, init="zero")
+    out = HyperNetworkRuntime(artifact).generate(
+        np.random.default_rng(0).standard_normal((3, 64)).astype("f4")
+    )
+    for group in out.values():
+        assert np.all(group.b == 0)
+        assert np.abs(group.a).max() > 0  # A is live, so training can move B
+
+
+def test_manifest_describes_model_and_targets(artifact_dir: Path, llama_dir: Path) -> None:
+    m = load_artifact(artifact_dir).manifest
+    assert m.base_model.architecture == "LlamaForCausalLM"
+    assert (m.base_model.hidden_size, m.base_model.vocab_size, m.base_model.num_layers) == (64, 256, 2)
+    model = load_model(llama_dir)
+    assert m.base_model.weights_sha256 == embedding_sha256(model.get_input_embeddings().weight)
+    assert m.statistic.kind == "mean_input_embedding" and m.statistic.dim == 64
+    assert [t[0] for t in m.targets] == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.v_proj",
+    ]
+    assert {(t[1], t[2]) for t in m.targets} == {(64, 64), (64, 32)}
+    assert m.rank == 4 and m.scaling == 2.0
+
+
+def test_config_only_model_has_no_weights_hash(tmp_path: Path) -> None:
+    config = Path(__file__).parents[1] / "adapter_service" / "data" / "smollm2-135m-config.json"
+    model = load_model(config)
+    fp = fingerprint(model)
+    assert (fp.hidden_size, fp.vocab_size, fp.num_layers, fp.weights_sha256) == (576, 49152, 30, "")
+    targets = find_targets(model, ["q_proj", "v_proj"])
+    assert len(targets) == 60
+    assert {(t.d_in, t.d_out) for t in targets} == {(576, 576), (576, 192)}
+
+
+def test_gpt2_conv1d_targets_are_found() -> None:
+    targets = find_targets(tiny_gpt2(), ["c_attn", "transformer.h.*.mlp.c_fc"])
+    assert [(t.name, t.d_in, t.d_out) for t in targets] == [
+        ("transformer.h.0.attn.c_attn", 48, 144),
+        ("transformer.h.0.mlp.c_fc", 48, 192),
+        ("transformer.h.1.attn.c_attn", 48, 144),
+        ("transformer.h.1.mlp.c_fc", 48, 192),
+    ]
+
+
+def test_unknown_target_is_an_error_naming_it() -> None:
+    with pytest.raises(ValueError, match=r"targets: \['q_prj'\] matched no nn.Linear"):
+        find_targets(tiny_llama(), ["q_proj", "q_prj"])
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_load_refuses_missing_corrupt_and_mismatched(artifact_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load_artifact(tmp_path / "nope")
+
+    no_onnx = _copy(artifact_dir, tmp_path / "no_onnx")
+    (no_onnx / "hypernetwork.onnx").unlink()
+    with pytest.raises(ArtifactError, match=r"has no hypernetwork\.onnx"):
+        load_artifact(no_onnx)
+
+    flipped = _copy(artifact_dir, tmp_path / "flipped")
+    data = bytearray((flipped / "hypernetwork.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (flipped / "hypernetwork.onnx").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="does not match the manifest's hypernetwork_sha256"):
+        load_artifact(flipped)
+
+    bad_json = _copy(artifact_dir, tmp_path / "bad_json")
+    (bad_json / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load_artifact(bad_json)
+
+    bad_field = _copy(artifact_dir, tmp_path / "bad_field")
+    manifest = json.loads((bad_field / "manifest.json").read_text())
+    manifest["rank"] = -4
+    (bad_field / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="field 'rank': expected a positive integer"):
+        load_artifact(bad_field)
+
+
+def test_garbage_onnx_with_matching_hash_is_refused_by_runtime(artifact_dir: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    art = _copy(artifact_dir, tmp_path / "garbage")
+    garbage = b"this is not an onnx model"
+    (art / "hypernetwork.onnx").write_bytes(garbage)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["hypernetwork_sha256"] = hashlib.sha256(garbage).hexdigest()
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="onnxruntime cannot load"):
+        HyperNetworkRuntime(load_artifact(art))

@@ -157,7 +157,20 @@ def to_onnx(network: HyperNetwork) -> bytes:
         )
     buffer = io.BytesIO()
     program.save(buffer)
-    return buffer.getvalue()
+    return _strip_source_locations(buffer.getvalue())
+
+
+def _strip_source_locations(onnx_bytes: bytes) -> bytes:
+    """Drop the exporter's per-node stack traces: they embed this machine's file paths, so the same
+    network exported from two checkouts would hash differently."""
+    import onnx
+
+    model = onnx.load_from_string(onnx_bytes)
+    for node in model.graph.node:
+        kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    return model.SerializeToString()
 
 
 def parity_error(network: HyperNetwork, onnx_bytes: bytes, ks: Sequence[int] = (1, 5)) -> float:

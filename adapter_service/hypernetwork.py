@@ -10,7 +10,6 @@ model, as LoRA does; `init="random"` gives non-zero B for tests and demos of the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -87,7 +86,3 @@ class HyperNetwork(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def group_shapes(groups: Sequence[tuple[str, int, int, int]]) -> tuple[GroupShape, ...]:
-    return tuple(GroupShape(name, d_in, d_out, n) for name, d_in, d_out, n in groups)

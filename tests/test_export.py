@@ -152,3 +152,19 @@ def test_garbage_onnx_with_matching_hash_is_refused_by_runtime(artifact_dir: Pat
     (art / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="onnxruntime cannot load"):
         HyperNetworkRuntime(load_artifact(art))
+
+
+def test_export_is_reproducible_and_carries_no_file_paths() -> None:
+    import onnx
+
+    from adapter_service.export import to_onnx
+
+    plan = plan_export(tiny_llama(), ["q_proj"], rank=2, init="random")
+    exports = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        exports.append(to_onnx(HyperNetwork(plan.hypernetwork_config).eval()))
+    assert exports[0] == exports[1]
+    model = onnx.load_from_string(exports[0])
+    assert __file__.rsplit("/", 2)[0] not in str(model)
+    assert not any(p.key == "pkg.torch.onnx.stack_trace" for n in model.graph.node for p in n.metadata_props)

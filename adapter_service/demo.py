@@ -10,12 +10,6 @@ statistics are synthetic: this shows the plumbing and its cost, not a quality ga
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -23,15 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from adapter_service.clustering import AutoK
+from adapter_service.sidecar import SidecarProcess, free_port
 
 DEFAULT_CONFIG = Path(__file__).with_name("data") / "smollm2-135m-config.json"
 DOMAINS = ("encyclopedia", "news", "scripture", "jokes")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _step(i: int, n: int, text: str) -> None:
@@ -65,32 +54,13 @@ def run_demo(workdir: Path = Path(".chameleon/demo"), batch: int = 32) -> int:
         f"({time.perf_counter() - started:.1f} s)"
     )
 
-    port, metrics_port = _free_port(), _free_port()
-    address = f"127.0.0.1:{port}"
-    _step(2, steps, f"starting the sidecar: chameleon serve --artifact {artifact_dir} --address {address}")
+    metrics_port = free_port()
     log_path = workdir / "sidecar.log"
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "adapter_service.cli",
-                "serve",
-                "--artifact",
-                str(artifact_dir),
-                "--address",
-                address,
-                "--metrics-port",
-                str(metrics_port),
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    _step(2, steps, f"starting the sidecar: chameleon serve --artifact {artifact_dir} (loopback)")
+    sidecar = SidecarProcess(artifact_dir, metrics_port=metrics_port, log_path=log_path)
     try:
-        with AdapterClient(address, timeout=10.0) as client:
-            _wait_serving(client, proc, log_path)
-            print(f"      SERVING (pid {proc.pid}); logs in {log_path}")
+        print(f"      SERVING on {sidecar.address} (pid {sidecar.pid}); logs in {log_path}")
+        with AdapterClient(sidecar.address, timeout=10.0) as client:
             _step(3, steps, f"sending one mixed batch of {batch} requests (auto k <= 8, float16)")
             stats, domains = synthetic_batch(batch, m.statistic.dim)
             ids = [f"req-{i:02d}" for i in range(batch)]
@@ -123,38 +93,13 @@ def run_demo(workdir: Path = Path(".chameleon/demo"), batch: int = 32) -> int:
         print("      metrics: " + "; ".join(calls))
     finally:
         _step(5, steps, "stopping the sidecar (SIGTERM)")
-        code = _terminate(proc)
+        code = sidecar.stop()
     print(f"      sidecar exited with code {code}")
     print(
         "\nThis artifact is untrained: the groups are real, the adapters are not yet useful. "
         "`chameleon serve --artifact DIR` serves any artifact the same way."
     )
     return 0 if code == 0 else 1
-
-
-def _wait_serving(client, proc: subprocess.Popen, log_path: Path, timeout: float = 120.0) -> None:
-    from adapter_service.client import AdapterServiceError
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the sidecar exited with code {proc.returncode}:\n{log_path.read_text()}")
-        with contextlib.suppress(AdapterServiceError):
-            if client.health(timeout=1.0) == "SERVING":
-                return
-        time.sleep(0.2)
-    raise SystemExit(f"the sidecar did not report SERVING within {timeout:.0f} s:\n{log_path.read_text()}")
-
-
-def _terminate(proc: subprocess.Popen) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
-    return proc.returncode
 
 
 def _print_groups(result, domains: list[str]) -> None:

@@ -18,13 +18,9 @@ OUT/adapt_latency.png, and prints a table.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,9 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as `python benchmarks/adapt_latency.py` without installing
     sys.path.insert(0, str(REPO))
 
-from adapter_service.client import AdapterClient, AdapterServiceError, build_adapt_request  # noqa: E402
+from adapter_service.client import AdapterClient, build_adapt_request  # noqa: E402
 from adapter_service.clustering import AutoK  # noqa: E402
 from adapter_service.demo import synthetic_batch  # noqa: E402
+from adapter_service.sidecar import SidecarProcess  # noqa: E402
 
 CONFIG_PATH = REPO / "adapter_service" / "data" / "smollm2-135m-config.json"
 TARGETS = ("q_proj", "v_proj")
@@ -158,39 +155,20 @@ def run_sidecar_benchmark(tmpdir: Path, iters: int, warmup: int):
     """Start the sidecar, run the interleaved grid, always stop it; returns samples, wire sizes, exit code."""
     from tqdm import tqdm
 
-    address = f"127.0.0.1:{free_port()}"
     log_path = tmpdir / "sidecar.log"
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "adapter_service.cli",
-        "serve",
-        "--artifact",
-        str(tmpdir / "artifact"),
-        "--address",
-        address,
-        "--metrics-port",
-        "-1",
-        "--plain-logs",
-        "--log-level",
-        "warning",
-    ]
+    # The sidecar child must import this checkout even when it is not installed.
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     grid = [(n, dtype) for n in SIZES for dtype in DTYPES]
     batches = {(n, seed): synthetic_batch(n, DIM, seed=seed)[0] for n in SIZES for seed in SEEDS}
     policy = AutoK(max_k=MAX_K)
     samples = {(n, dtype, path): Samples() for n, dtype in grid for path in PATHS}
     wire: dict[tuple[int, str, str], dict] = {}
     exit_code: int | None = None
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    sidecar = SidecarProcess(
+        tmpdir / "artifact", log_path=log_path, extra_args=["--plain-logs", "--log-level", "warning"]
+    )
     try:
-        with AdapterClient(address, timeout=CALL_TIMEOUT_S) as client:
-            wait_serving(client, proc, log_path)
+        with AdapterClient(sidecar.address, timeout=CALL_TIMEOUT_S) as client:
             client.manifest()
             for n, dtype in grid:  # serialized response size, once per config, from the raw stub
                 wire.update(wire_sizes(client, batches[n, SEEDS[0]], n, dtype, policy))
@@ -215,7 +193,7 @@ def run_sidecar_benchmark(tmpdir: Path, iters: int, warmup: int):
                             record(samples[n, dtype, "cached"], *cached)
                         bar.update(2)
     finally:
-        exit_code = terminate(proc)
+        exit_code = sidecar.stop()
         if exit_code != 0:
             print(f"sidecar log ({log_path}):\n{log_path.read_text()}", file=sys.stderr)
     return samples, wire, exit_code
@@ -308,37 +286,6 @@ def machine_info() -> dict:
         "onnxruntime": ort.__version__,
         "onnxruntime_providers": ort.get_available_providers(),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_serving(client: AdapterClient, proc: subprocess.Popen, log_path: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the sidecar exited with code {proc.returncode}:\n{log_path.read_text()}")
-        with contextlib.suppress(AdapterServiceError):
-            if client.health(timeout=1.0) == "SERVING":
-                return
-        time.sleep(0.2)
-    raise SystemExit(f"the sidecar did not report SERVING within {timeout:.0f} s:\n{log_path.read_text()}")
-
-
-def terminate(proc: subprocess.Popen) -> int:
-    """SIGTERM and wait (the server drains for up to 5 s); SIGKILL only if it hangs."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return -9
-    return proc.returncode
 
 
 def plot(records: list[dict], out_path: Path, report: dict) -> None:

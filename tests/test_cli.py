@@ -5,30 +5,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from adapter_service.artifact import load_artifact
-from adapter_service.client import AdapterClient, AdapterServiceError
+from adapter_service.client import AdapterClient
 from adapter_service.clustering import FixedK
+from adapter_service.sidecar import SidecarProcess, free_port
 
 CHAMELEON = Path(sys.executable).with_name("chameleon")
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([str(CHAMELEON), *args], capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_console_script_is_installed() -> None:
@@ -83,52 +76,23 @@ def test_serve_refuses_bad_artifact(problem: str, artifact_dir: Path, tmp_path: 
     assert expected in result.stderr
 
 
-def test_serve_then_sigterm_drains_and_exits_zero(artifact_dir: Path) -> None:
-    address = f"127.0.0.1:{free_port()}"
-    metrics_port = free_port()
-    proc = subprocess.Popen(
-        [
-            str(CHAMELEON),
-            "serve",
-            "--artifact",
-            str(artifact_dir),
-            "--address",
-            address,
-            "--metrics-port",
-            str(metrics_port),
-            "--grace",
-            "2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+def test_serve_then_sigterm_drains_and_exits_zero(artifact_dir: Path, tmp_path: Path) -> None:
+    log = tmp_path / "sidecar.log"
+    sidecar = SidecarProcess(
+        artifact_dir, metrics_port=free_port(), log_path=log, extra_args=["--grace", "2"]
     )
     try:
-        with AdapterClient(address, timeout=5) as client:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if client.health(timeout=1) == "SERVING":
-                        break
-                except AdapterServiceError:
-                    pass
-                assert proc.poll() is None and time.monotonic() < deadline, "sidecar did not come up"
-                time.sleep(0.2)
-            import numpy as np
-
+        with AdapterClient(sidecar.address, timeout=5) as client:
             stats = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
             assert client.adapt(stats, policy=FixedK(2)).k == 2
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0
-    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+        code = sidecar.stop()
+    assert code == 0
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     messages = [e["msg"] for e in events]
     assert "serving" in messages and "shutting down" in messages and "stopped" in messages
     serving = next(e for e in events if e["msg"] == "serving")
-    assert serving["address"] == address and serving["providers"] == ["CPUExecutionProvider"]
+    assert serving["address"] == sidecar.address and serving["providers"] == ["CPUExecutionProvider"]
 
 
 def test_importing_the_client_does_not_import_server_onnxruntime_or_torch() -> None:

@@ -153,7 +153,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="make an artifact, serve it, call it once")
     demo.add_argument("--workdir", default=".chameleon/demo", help="where the demo writes its artifact")
     demo.set_defaults(func=_demo)
+    _add_plugin_commands(sub)
     return parser
+
+
+def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+    """Subcommands that installed plugins declare (entry-point group `chameleon.commands`, each a
+    `main(argv) -> int`). Loaded only when invoked, so the sidecar's start-up never imports a plugin."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="chameleon.commands"):
+        if ep.name in sub.choices:
+            continue
+        parser = sub.add_parser(
+            ep.name, help=f"from {ep.value.split(':')[0]} (--help for its options)", add_help=False
+        )
+        parser.add_argument("args", nargs=argparse.REMAINDER)
+        parser.set_defaults(func=lambda a, ep=ep: ep.load()(a.args))
 
 
 def main(argv: list[str] | None = None) -> int:

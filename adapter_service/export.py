@@ -186,8 +186,8 @@ def parity_error(network: HyperNetwork, onnx_bytes: bytes, ks: Sequence[int] = (
             expected = [t.numpy() for t in network(centroids)]
         actual = session.run(network.output_names, {CENTROIDS_INPUT: centroids.numpy()})
         for want, got in zip(expected, actual, strict=True):
-            if want.shape != got.shape:
-                return float("inf")
+            if want.shape != got.shape or not (np.isfinite(want).all() and np.isfinite(got).all()):
+                return float("inf")  # a network emitting NaN/Inf is never exported
             scale = max(float(np.abs(want).max()), 1e-30)
             worst = max(worst, float(np.abs(got - want).max()) / scale)
     return worst

@@ -73,12 +73,12 @@ def group_targets(targets: Iterable[TargetModule]) -> dict[str, list[TargetModul
     return groups
 
 
-def fingerprint(model: nn.Module) -> Fingerprint:
-    """Identify the base model; hashes the input embeddings when real weights are present."""
+def fingerprint(model: nn.Module, hash_weights: bool = True) -> Fingerprint:
+    """Identify the base model; hashes the input embeddings when real weights are present (and asked)."""
     config = model.config
     architectures = getattr(config, "architectures", None) or [type(model).__name__]
     embedding = model.get_input_embeddings().weight
-    weights_sha256 = "" if embedding.is_meta else embedding_sha256(embedding)
+    weights_sha256 = "" if embedding.is_meta or not hash_weights else embedding_sha256(embedding)
     return Fingerprint(
         architecture=architectures[0],
         hidden_size=int(_first_attr(config, "hidden_size", "n_embd", "d_model")),

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
 
 from adapter_service.artifact import ArtifactError, load_artifact
 from adapter_service.export import load_model, make_fresh_artifact, parity_error, plan_export
 from adapter_service.hypernetwork import HyperNetwork
 from adapter_service.model_spec import embedding_sha256, find_targets, fingerprint
 from adapter_service.runtime import HyperNetworkRuntime
+from conftest import tiny_gpt2, tiny_llama
 
 
 def relative_error(got: np.ndarray, want: np.ndarray) -> float:
@@ -168,3 +168,15 @@ def test_export_is_reproducible_and_carries_no_file_paths() -> None:
     model = onnx.load_from_string(exports[0])
     assert __file__.rsplit("/", 2)[0] not in str(model)
     assert not any(p.key == "pkg.torch.onnx.stack_trace" for n in model.graph.node for p in n.metadata_props)
+
+
+def test_network_emitting_nan_is_not_exported(tmp_path: Path) -> None:
+    from adapter_service.export import ExportError, export_artifact
+
+    plan = plan_export(tiny_llama(), ["q_proj"], rank=2, init="random")
+    network = HyperNetwork(plan.hypernetwork_config).eval()
+    with torch.no_grad():
+        network.heads_b[0].bias[0] = float("nan")
+    with pytest.raises(ExportError, match="artifact not written"):
+        export_artifact(network, plan, tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()

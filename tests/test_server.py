@@ -10,7 +10,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerThread, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from adapter_service import codec
@@ -21,6 +20,7 @@ from adapter_service.proto import adapter_service_pb2 as pb
 from adapter_service.proto import adapter_service_pb2_grpc as pb_grpc
 from adapter_service.runtime import HyperNetworkRuntime
 from adapter_service.validation import Limits
+from conftest import ServerThread, start_server
 
 D = 64
 

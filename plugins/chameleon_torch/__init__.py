@@ -1,0 +1,25 @@
+"""Chameleon for plain PyTorch/transformers model servers.
+
+    handle = chameleon_torch.attach(model, AdapterClient("127.0.0.1:50051"))
+    with handle.adapt(input_ids, attention_mask) as batch:
+        model.generate(input_ids=input_ids, attention_mask=attention_mask, ...)
+    handle.detach()
+
+Talks to the adapter service only through `adapter_service.client` (and its codec); never imports
+the service itself.
+"""
+
+from chameleon_torch.config import PluginConfig
+from chameleon_torch.metrics import FALLBACK_REASONS, PluginMetrics
+from chameleon_torch.model import AdapterHandle, BatchAdaptation, ManifestMismatch, attach, check_model
+
+__all__ = [
+    "FALLBACK_REASONS",
+    "AdapterHandle",
+    "BatchAdaptation",
+    "ManifestMismatch",
+    "PluginConfig",
+    "PluginMetrics",
+    "attach",
+    "check_model",
+]

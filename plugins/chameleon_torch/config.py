@@ -1,0 +1,20 @@
+"""Settings of the PyTorch plugin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from adapter_service.clustering import AutoK, ClusteringPolicy
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    deadline_s: float = 0.5  # per Adapt call; slower answers mean the batch runs on the base model
+    manifest_timeout_s: float = 5.0  # at attach (start-up), where waiting a little is fine
+    policy: ClusteringPolicy = field(default_factory=lambda: AutoK(max_k=8))
+    # Wire dtype of A and B; None: the model's own dtype (float32, float16 or bfloat16).
+    wire_dtype: str | None = None
+    cache_bytes: int = 256 * 1024 * 1024  # LRU budget for received adapters, on the model's device
+    max_held_keys: int = 256  # most recent cached keys sent with each call
+    # Check the base model's embedding hash against the manifest at attach (costs one pass over it).
+    check_weights: bool = True

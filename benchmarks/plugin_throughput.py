@@ -1,0 +1,298 @@
+"""Generation throughput of chameleon_torch against the base model and PEFT's static LoRA.
+
+    python benchmarks/plugin_throughput.py [--rounds 4] [--batch 32] [--new-tokens 32] [--out DIR]
+
+SmolLM2-135M-Instruct (the PyPI GGUF, see adapter_service.model_loading), a batch of mixed prompts,
+greedy decoding with exactly `--new-tokens` new tokens per row. Variants, interleaved round by round
+(the order rotates each round) so machine noise hits all alike:
+  base         the model as loaded
+  peft         PEFT LoRA, unmerged, rank 8 on q_proj and v_proj (one static adapter)
+  plugin k=K   chameleon_torch with a real sidecar process, FixedK(K) for K = 1, 4, 8, rank 8 on
+               q_proj and v_proj; the timed region includes the per-batch preparation (statistic,
+               Adapt call, installing the factors), as a server would pay it.
+The FLOP floor is base FLOPs / (base + one rank-r LoRA's FLOPs) per generated token: the best ratio
+any LoRA can reach if its extra work cost no more per FLOP than the base model's.
+Writes OUT/plugin_throughput.json and OUT/plugin_throughput.png.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Two torch threads on this 2-core VM sometimes ran 7x slower without these (see the brief).
+os.environ.setdefault("OMP_PROC_BIND", "true")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+
+from adapter_service.client import AdapterClient  # noqa: E402
+from adapter_service.clustering import FixedK  # noqa: E402
+from adapter_service.export import make_fresh_artifact  # noqa: E402
+from adapter_service.model_loading import SMOLLM2, load_causal_lm  # noqa: E402
+from adapter_service.model_spec import find_targets  # noqa: E402
+from adapter_service.sidecar import SidecarProcess  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj"]
+RANK = 8
+KS = (1, 4, 8)
+
+PROMPTS = [
+    # encyclopedia
+    "The Amazon River flows through",
+    "Photosynthesis is the process by which",
+    "The Roman Empire was founded",
+    "Mount Everest is located in",
+    "The periodic table organizes",
+    "Jupiter is the largest planet",
+    "The French Revolution began in",
+    "DNA is a molecule that",
+    # news
+    "Shares of the company fell sharply after",
+    "The government announced on Tuesday that",
+    "The striker scored twice as his team",
+    "Interest rates were raised by the central bank",
+    "Election officials said the turnout",
+    "The minister resigned following reports",
+    "Oil prices climbed for a third day",
+    "The film topped the box office this weekend",
+    # code and instructions
+    "Write a Python function that reverses a string.",
+    "Explain what a hash table is.",
+    "How do I sort a list of dictionaries by a key?",
+    "What is the difference between a process and a thread?",
+    "Give me three tips for writing unit tests.",
+    "Translate 'good morning' into Spanish.",
+    "Summarize the plot of Hamlet in two sentences.",
+    "List the steps to boil an egg.",
+    # scripture and verse
+    "In the beginning God created",
+    "And the LORD spake unto Moses, saying,",
+    "Blessed are the meek: for they",
+    "The LORD is my shepherd; I shall not",
+    "Shall I compare thee to a summer's day?",
+    "Two roads diverged in a yellow wood,",
+    "Once upon a midnight dreary,",
+    "Tyger Tyger, burning bright,",
+]
+
+
+def flop_floor(model: torch.nn.Module) -> dict:
+    """MACs per token of every Linear (incl. the LM head) versus one rank-r LoRA on the targets."""
+    base = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    lora = sum(RANK * (t.d_in + t.d_out) for t in find_targets(model, TARGETS))
+    return {"base_macs_per_token": base, "lora_macs_per_token": lora, "floor_ratio": base / (base + lora)}
+
+
+def batch_inputs(tokenizer, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tokenizer.padding_side = "left"
+    texts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    return enc.input_ids, enc.attention_mask
+
+
+def timed_generate(
+    model, ids, mask, new_tokens: int, pad_id: int, prepare=None
+) -> tuple[float, float, object]:
+    started = time.perf_counter()
+    with torch.inference_mode():
+        if prepare is None:
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )
+            info = None
+            prep = 0.0
+        else:
+            with prepare(ids, mask) as info:
+                prep = time.perf_counter() - started
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad_id,
+                )
+    elapsed = time.perf_counter() - started
+    assert out.shape[1] - ids.shape[1] == new_tokens
+    return elapsed, prep, info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=SMOLLM2)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from peft import LoraConfig, get_peft_model
+    from tqdm import tqdm
+
+    from chameleon_torch import PluginConfig, attach
+
+    print(f"loading {args.model} ...", flush=True)
+    base, tokenizer = load_causal_lm(args.model)
+    pad_id = tokenizer.pad_token_id
+    ids, mask = batch_inputs(tokenizer, args.batch)
+    floor = flop_floor(base)
+
+    peft_model = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(
+            r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=False
+        ),
+    ).eval()
+    plugin_model = copy.deepcopy(base)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = make_fresh_artifact(plugin_model, TARGETS, RANK, Path(tmp) / "artifact", init="random")
+        with SidecarProcess(artifact.path, log_path=Path(tmp) / "sidecar.log") as sidecar:
+            client = AdapterClient(sidecar.address, timeout=10)
+            handle = attach(plugin_model, client, PluginConfig(deadline_s=10))
+            variants = {"base": (base, None), "peft": (peft_model, None)}
+            for k in KS:
+                variants[f"plugin k={k}"] = (plugin_model, k)
+            names = list(variants)
+            samples: dict[str, list[dict]] = {n: [] for n in names}
+            total = (args.rounds + 1) * len(names)
+            with tqdm(total=total, desc="generate calls", unit="call") as bar:
+                for rnd in range(args.rounds + 1):  # round 0 is warm-up
+                    order = names[rnd % len(names) :] + names[: rnd % len(names)]
+                    for name in order:
+                        model, k = variants[name]
+                        prepare = None
+                        if k is not None:
+                            handle.config = PluginConfig(policy=FixedK(k), deadline_s=10)
+                            handle.cache.clear()  # measure the uncached path: every batch is new
+                            prepare = handle.adapt
+                        elapsed, prep, info = timed_generate(
+                            model, ids, mask, args.new_tokens, pad_id, prepare
+                        )
+                        if info is not None and not info.adapted:
+                            raise SystemExit(f"{name}: batch fell back ({info.fallback_reason})")
+                        if rnd > 0:
+                            samples[name].append(
+                                {
+                                    "seconds": elapsed,
+                                    "prepare_seconds": prep,
+                                    "k": None if info is None else info.k,
+                                }
+                            )
+                        bar.update()
+            client.close()
+
+    tokens = args.batch * args.new_tokens
+    base_tps = np.median([tokens / s["seconds"] for s in samples["base"]])
+    records = []
+    for name in names:
+        tps = [tokens / s["seconds"] for s in samples[name]]
+        med = float(np.median(tps))
+        records.append(
+            {
+                "variant": name,
+                "tokens_per_s_median": med,
+                "tokens_per_s": tps,
+                "ratio_to_base": med / base_tps,
+                "floor_ratio": 1.0 if name == "base" else floor["floor_ratio"],
+                "prepare_ms_median": float(np.median([s["prepare_seconds"] for s in samples[name]]) * 1e3),
+                "k": samples[name][0]["k"],
+            }
+        )
+    report = {
+        "settings": {
+            "model": args.model,
+            "batch": args.batch,
+            "new_tokens": args.new_tokens,
+            "rounds": args.rounds,
+            "targets": TARGETS,
+            "rank": RANK,
+            "threads": args.threads,
+            "greedy": True,
+            "prompt_tokens": int(mask.sum()),
+            "padded_width": int(ids.shape[1]),
+        },
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "flops": floor,
+        "results": records,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "plugin_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(records, floor["floor_ratio"], report["settings"], args.out / "plugin_throughput.png")
+    print(f"\n{'variant':<14}{'tokens/s':>10}{'ratio':>8}{'floor':>8}{'prepare ms':>12}")
+    for r in records:
+        print(
+            f"{r['variant']:<14}{r['tokens_per_s_median']:>10.1f}{r['ratio_to_base']:>8.3f}"
+            f"{r['floor_ratio']:>8.3f}{r['prepare_ms_median']:>12.1f}"
+        )
+    print(f"wrote {args.out / 'plugin_throughput.json'} and {args.out / 'plugin_throughput.png'}")
+    return 0
+
+
+def plot(records: list[dict], floor: float, settings: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names = [r["variant"] for r in records]
+    ratios = [r["ratio_to_base"] for r in records]
+    spread = [
+        [
+            r["ratio_to_base"] - min(r["tokens_per_s"]) / r["tokens_per_s_median"] * r["ratio_to_base"]
+            for r in records
+        ],
+        [
+            max(r["tokens_per_s"]) / r["tokens_per_s_median"] * r["ratio_to_base"] - r["ratio_to_base"]
+            for r in records
+        ],
+    ]
+    colors = ["#777777", "#1f77b4"] + ["#2ca02c"] * (len(records) - 2)
+    ax.bar(names, ratios, color=colors, yerr=spread, capsize=4)
+    ax.axhline(floor, color="red", linestyle="--", label=f"FLOP floor {floor:.4f}")
+    ax.axhline(floor - 0.05, color="red", linestyle=":", label="floor - 5 points (goal)")
+    for i, r in enumerate(records):
+        ax.text(
+            i,
+            r["ratio_to_base"] + 0.01,
+            f"{r['ratio_to_base']:.3f}\n{r['tokens_per_s_median']:.0f} tok/s",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ax.set_ylim(0, 1.2)
+    ax.set_ylabel("tokens/s relative to base (median; bars = min..max)")
+    ax.set_title(
+        f"{settings['model']}: batch {settings['batch']}, {settings['new_tokens']} new tokens, greedy, "
+        f"rank {settings['rank']} on {'+'.join(settings['targets'])}",
+        fontsize=9,
+    )
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,6 +17,7 @@ from pathlib import Path
 from adapter_service import __version__
 
 log = logging.getLogger("chameleon")
+_BUILTIN_COMMANDS = ("serve", "export", "demo")
 
 
 def _limit_blas_threads(threads: int | None) -> None:
@@ -157,12 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+def _plugin_commands() -> dict:
     """Subcommands that installed plugins declare (entry-point group `chameleon.commands`, each a
     `main(argv) -> int`). Loaded only when invoked, so the sidecar's start-up never imports a plugin."""
     from importlib.metadata import entry_points
 
-    for ep in entry_points(group="chameleon.commands"):
+    return {ep.name: ep for ep in entry_points(group="chameleon.commands")}
+
+
+def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+    """List plugin commands in --help; main() hands their arguments over untouched."""
+    for ep in _plugin_commands().values():
         if ep.name in sub.choices:
             continue
         parser = sub.add_parser(
@@ -173,6 +179,11 @@ def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] not in _BUILTIN_COMMANDS:
+        plugin = _plugin_commands().get(argv[0])
+        if plugin is not None:
+            return plugin.load()(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

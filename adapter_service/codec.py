@@ -8,6 +8,7 @@ ml_dtypes so it stays 2 bytes a value end to end.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import ml_dtypes
@@ -103,7 +104,7 @@ def decode(
         want = ", ".join("*" if e is None else str(e) for e in shape)
         raise CodecError(f"{field}.shape", f"got {list(dims)}, expected [{want}]")
     np_dtype = _NUMPY[wire]
-    count = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    count = math.prod(dims)
     expected_bytes = count * np_dtype.itemsize
     if len(tensor.data) != expected_bytes:
         raise CodecError(

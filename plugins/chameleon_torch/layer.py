@@ -42,14 +42,19 @@ class BatchBank:
         return self.row_mask
 
 
-def multi_lora_delta(
-    x: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor, row_mask: torch.Tensor | None
+def add_multi_lora(
+    output: torch.Tensor,
+    x: torch.Tensor,
+    a_cat: torch.Tensor,
+    b_cat: torch.Tensor,
+    row_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """((x A_cat) * M) B_cat for x of shape [B, ..., d_in]."""
+    """output + ((x A_cat) * M) B_cat for x of shape [B, ..., d_in]; the add is fused into addmm."""
     xa = torch.matmul(x, a_cat)
     if row_mask is not None:
-        xa = xa * row_mask.view(row_mask.shape[0], *([1] * (x.dim() - 2)), row_mask.shape[1])
-    return torch.matmul(xa, b_cat)
+        xa.mul_(row_mask.view(row_mask.shape[0], *([1] * (x.dim() - 2)), row_mask.shape[1]))
+    d_out = output.shape[-1]
+    return torch.addmm(output.reshape(-1, d_out), xa.reshape(-1, xa.shape[-1]), b_cat).view(output.shape)
 
 
 class MultiLoRAHook:
@@ -65,7 +70,7 @@ class MultiLoRAHook:
             return None  # not inside adapt(): the base module's output, untouched
         a_cat, b_cat = bank.factors[self.name]
         x = args[0]
-        return output + multi_lora_delta(x, a_cat, b_cat, bank.mask_for(x.shape[0]))
+        return add_multi_lora(output, x, a_cat, b_cat, bank.mask_for(x.shape[0]))
 
 
 class HookedModel:

@@ -278,20 +278,21 @@ def plot(records: list[dict], floor: float, settings: dict, path: Path) -> None:
     for i, r in enumerate(records):
         ax.text(
             i,
-            r["ratio_to_base"] + 0.01,
+            0.04,
             f"{r['ratio_to_base']:.3f}\n{r['tokens_per_s_median']:.0f} tok/s",
             ha="center",
             va="bottom",
             fontsize=8,
+            color="white",
         )
-    ax.set_ylim(0, 1.2)
+    ax.set_ylim(0, 1.4)
     ax.set_ylabel("tokens/s / base tokens/s of the same round\n(median; whiskers = min..max over rounds)")
     ax.set_title(
         f"{settings['model']}: batch {settings['batch']}, {settings['new_tokens']} new tokens, greedy, "
         f"rank {settings['rank']} on {'+'.join(settings['targets'])}",
         fontsize=9,
     )
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

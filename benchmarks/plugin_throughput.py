@@ -23,6 +23,7 @@ triples the cost of any LoRA, PEFT's and ours alike. Set it in the environment t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -107,30 +108,19 @@ def batch_inputs(tokenizer, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
 def timed_generate(
     model, ids, mask, new_tokens: int, pad_id: int, prepare=None
 ) -> tuple[float, float, object]:
+    """Seconds for one generate call, including the plugin's per-batch preparation when given."""
     started = time.perf_counter()
-    with torch.inference_mode():
-        if prepare is None:
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-            )
-            info = None
-            prep = 0.0
-        else:
-            with prepare(ids, mask) as info:
-                prep = time.perf_counter() - started
-                out = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens,
-                    do_sample=False,
-                    pad_token_id=pad_id,
-                )
+    context = prepare(ids, mask) if prepare is not None else contextlib.nullcontext()
+    with torch.inference_mode(), context as info:
+        prep = time.perf_counter() - started if prepare is not None else 0.0
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
     elapsed = time.perf_counter() - started
     assert out.shape[1] - ids.shape[1] == new_tokens
     return elapsed, prep, info

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import conftest
 from adapter_service import model_loading
 from adapter_service.model_loading import SMOLLM2, cache_dir, load_causal_lm, smollm2_gguf_path
 
@@ -45,21 +46,7 @@ def tiny_tokenizer(bos: bool = False):
 
 
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return conftest.tiny_llama(bos_token_id=1, eos_token_id=2)
 
 
 @pytest.fixture

@@ -1,0 +1,309 @@
+"""Training core: fit a hyper-network (or a static LoRA baseline) on a frozen causal LM.
+
+Follows the brief's fair rules by construction:
+- every document is cut into a fixed-length prompt and continuation (no padding at all); the
+  adapter statistic comes from the prompt only, through the same function the plugins use;
+- the loss is the full shifted next-token NLL of the continuation, per token;
+- batches are formed as in serving: mixed requests, clustered per batch with the service's own
+  k-means, one adapter per cluster generated from the cluster's centroid.
+
+The deltas are applied with differentiable forward hooks (per-row gather of the cluster's A and B);
+the plugin's stacked-mask form computes the same y = W x + s B_c (A_c x) (tested for parity).
+A static LoRA is the same machinery with a "network" that ignores its input, so baselines train,
+export and serve exactly like Chameleon.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from adapter_service.clustering import ClusteringPolicy, FixedK, cluster
+from adapter_service.hypernetwork import HyperNetworkConfig
+from adapter_service.statistics import mean_input_embedding
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: tuple[int, ...]
+    continuation: tuple[int, ...]
+    label: str | None = None
+    doc_id: str = ""
+
+
+def make_examples(
+    documents: Sequence, tokenizer, prompt_tokens: int, continuation_tokens: int
+) -> list[Example]:
+    """corpora.Document-likes (.text, .label, .doc_id) -> examples; too-short documents are skipped."""
+    from adapter_service.corpora import prompt_and_continuation
+
+    examples = []
+    for doc in documents:
+        ids = tokenizer(doc.text, add_special_tokens=False).input_ids
+        cut = prompt_and_continuation(ids, prompt_tokens, continuation_tokens)
+        if cut is not None:
+            examples.append(Example(tuple(cut[0]), tuple(cut[1]), doc.label, doc.doc_id))
+    return examples
+
+
+class StaticLoRA(nn.Module):
+    """One learned (A, B) per target module, emitted for every centroid: the static-LoRA baseline
+    with the hyper-network's interface, so it trains, exports and serves the same way."""
+
+    def __init__(self, config: HyperNetworkConfig) -> None:
+        super().__init__()
+        self.config = config
+        r = config.rank
+        self.a = nn.ParameterList(
+            [nn.Parameter(torch.randn(g.num_modules, r, g.d_in) / math.sqrt(g.d_in)) for g in config.groups]
+        )
+        self.b = nn.ParameterList(
+            [nn.Parameter(torch.zeros(g.num_modules, g.d_out, r)) for g in config.groups]
+        )
+
+    @property
+    def output_names(self) -> list[str]:
+        return [name for g in self.config.groups for name in (f"A:{g.name}", f"B:{g.name}")]
+
+    def forward(self, centroids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        k = centroids.shape[0]
+        # 0 * sum keeps the input in the exported graph (dynamic K) without changing any value.
+        anchor = 0.0 * centroids.sum()
+        outputs: list[torch.Tensor] = []
+        for a, b in zip(self.a, self.b, strict=True):
+            outputs.append(a.unsqueeze(0).expand(k, *a.shape) + anchor)
+            outputs.append(b.unsqueeze(0).expand(k, *b.shape) + anchor)
+        return tuple(outputs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class DeltaApplier:
+    """Forward hooks adding s * B_row (A_row x) to each target module, differentiably."""
+
+    def __init__(self, model: nn.Module, module_names: Sequence[str], scaling: float) -> None:
+        modules = dict(model.named_modules())
+        self.scaling = scaling
+        self.rows: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in module_names]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if self.rows is None:
+                return None
+            a, b = self.rows[name]  # [B, r, d_in], [B, d_out, r]
+            xa = torch.einsum("b...d,brd->b...r", args[0], a)
+            return output + self.scaling * torch.einsum("b...r,bor->b...o", xa, b)
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+@dataclass
+class BatchAdapters:
+    assignments: np.ndarray  # cluster of each row
+    centroids: torch.Tensor  # [K, D]
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> per-row (A, B)
+
+
+def batch_statistics(model: nn.Module, prompts: torch.Tensor) -> torch.Tensor:
+    """The serving statistic of each prompt (no padding here: prompts have a fixed length)."""
+    return mean_input_embedding(model.get_input_embeddings().weight, prompts)
+
+
+def adapters_for_batch(
+    network: nn.Module,
+    group_modules: dict[str, list[str]],
+    stats: torch.Tensor,
+    policy: ClusteringPolicy,
+    seed: int = 0,
+) -> BatchAdapters:
+    """Cluster the batch as the service does, run the network once on all centroids, gather per row."""
+    grouping = cluster(stats.detach().cpu().numpy(), policy, seed=seed)
+    centroids = torch.from_numpy(grouping.centroids).to(stats.device)
+    outputs = network(centroids)
+    index = torch.from_numpy(grouping.assignments.astype(np.int64)).to(stats.device)
+    rows = {}
+    for i, group in enumerate(network.config.groups):
+        a_all, b_all = outputs[2 * i], outputs[2 * i + 1]  # [K, L, r, d_in], [K, L, d_out, r]
+        a_rows, b_rows = a_all[index], b_all[index]
+        for layer, name in enumerate(group_modules[group.name]):
+            rows[name] = (a_rows[:, layer], b_rows[:, layer])
+    return BatchAdapters(grouping.assignments, centroids, rows)
+
+
+def continuation_nll(
+    model: nn.Module, applier: DeltaApplier, examples: Sequence[Example], adapters: BatchAdapters | None
+) -> tuple[torch.Tensor, int]:
+    """Summed NLL of each row's continuation [B], and the continuation length."""
+    device = model.get_input_embeddings().weight.device
+    tokens = torch.tensor([e.prompt + e.continuation for e in examples], device=device)
+    p = len(examples[0].prompt)
+    c = len(examples[0].continuation)
+    applier.rows = adapters.rows if adapters is not None else None
+    try:
+        logits = model(input_ids=tokens).logits
+    finally:
+        applier.rows = None
+    predicted = logits[:, p - 1 : p + c - 1].float()
+    target = tokens[:, p : p + c]
+    nll = nn.functional.cross_entropy(
+        predicted.reshape(-1, predicted.shape[-1]), target.reshape(-1), reduction="none"
+    )
+    return nll.view(len(examples), c).sum(dim=1), c
+
+
+@dataclass
+class TrainConfig:
+    policy: ClusteringPolicy = field(default_factory=lambda: FixedK(4))
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_steps: int = 200
+    eval_every: int = 20
+    patience: int = 3  # evaluations without improvement before stopping
+    seed: int = 0
+    # "mixed": random batches, as in serving; "coherent": each batch drawn from one label, as in
+    # the paper's cluster-coherent training (needs labels).
+    batching: str = "mixed"
+
+
+@dataclass
+class TrainResult:
+    best_step: int
+    best_validation_nll: float
+    history: list[dict]
+    steps: int
+
+
+def batches(examples: Sequence[Example], size: int, mode: str, rng: random.Random) -> Iterator[list[Example]]:
+    """Endless batches of `size` examples: shuffled mixed batches, or one label per batch."""
+    if mode not in ("mixed", "coherent"):
+        raise ValueError(f"batching: expected 'mixed' or 'coherent', got {mode!r}")
+    while True:
+        if mode == "mixed":
+            order = list(examples)
+            rng.shuffle(order)
+            chunks = [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
+        else:
+            by_label: dict[str | None, list[Example]] = {}
+            for e in examples:
+                by_label.setdefault(e.label, []).append(e)
+            if None in by_label:
+                raise ValueError("batching='coherent' needs a label on every example")
+            chunks = []
+            for members in by_label.values():
+                members = list(members)
+                rng.shuffle(members)
+                chunks += [members[i : i + size] for i in range(0, len(members) - size + 1, size)]
+            rng.shuffle(chunks)
+        if not chunks:
+            raise ValueError(
+                f"batch_size: {size} is larger than the {len(examples)} examples (or a label's share)"
+            )
+        yield from chunks
+
+
+def mean_nll(
+    model: nn.Module,
+    applier: DeltaApplier,
+    network: nn.Module | None,
+    group_modules: dict[str, list[str]],
+    examples: Sequence[Example],
+    policy: ClusteringPolicy,
+    batch_size: int,
+    seed: int = 0,
+) -> tuple[np.ndarray, int]:
+    """Per-example summed NLL over serving-like batches (fixed order); network None = base model."""
+    totals = []
+    length = 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            chunk = list(examples[start : start + batch_size])
+            adapters = None
+            if network is not None:
+                stats = batch_statistics(model, torch.tensor([e.prompt for e in chunk]))
+                adapters = adapters_for_batch(network, group_modules, stats, policy, seed)
+            nll, length = continuation_nll(model, applier, chunk, adapters)
+            totals.append(nll.cpu().numpy())
+    return np.concatenate(totals), length
+
+
+def train(
+    model: nn.Module,
+    network: nn.Module,
+    group_modules: dict[str, list[str]],
+    scaling: float,
+    train_examples: Sequence[Example],
+    validation_examples: Sequence[Example],
+    config: TrainConfig,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `network` (the model stays frozen); keeps the best validation state in `network`."""
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    model.requires_grad_(False)
+    names = [n for members in group_modules.values() for n in members]
+    applier = DeltaApplier(model, names, scaling)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    stream = batches(train_examples, config.batch_size, config.batching, rng)
+    history: list[dict] = []
+    best = (math.inf, 0, copy.deepcopy(network.state_dict()))
+    stale = 0
+    step = 0
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.max_steps, desc="training", unit="step", disable=not progress)
+        for step in range(1, config.max_steps + 1):
+            chunk = next(stream)
+            stats = batch_statistics(model, torch.tensor([e.prompt for e in chunk]))
+            adapters = adapters_for_batch(
+                network, group_modules, stats, config.policy, seed=config.seed + step
+            )
+            nll, length = continuation_nll(model, applier, chunk, adapters)
+            loss = nll.sum() / (len(chunk) * length)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step % config.eval_every == 0 or step == config.max_steps:
+                val, val_len = mean_nll(
+                    model,
+                    applier,
+                    network,
+                    group_modules,
+                    validation_examples,
+                    config.policy,
+                    config.batch_size,
+                    config.seed,
+                )
+                val_nll = float(val.sum() / (len(val) * val_len))
+                history.append({"step": step, "train_nll": loss.item(), "validation_nll": val_nll})
+                if val_nll < best[0]:
+                    best, stale = (val_nll, step, copy.deepcopy(network.state_dict())), 0
+                else:
+                    stale += 1
+                    if stale >= config.patience:
+                        break
+        bar.close()
+    finally:
+        applier.remove()
+    network.load_state_dict(best[2])
+    return TrainResult(best_step=best[1], best_validation_nll=best[0], history=history, steps=step)

@@ -1,0 +1,190 @@
+"""Training core on tiny models: zero start, loss goes down, no leakage, train/serve parity."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adapter_service.client import AdapterClient
+from adapter_service.clustering import FixedK
+from adapter_service.export import export_artifact, plan_export
+from adapter_service.hypernetwork import HyperNetwork
+from adapter_service.training import (
+    DeltaApplier,
+    Example,
+    StaticLoRA,
+    TrainConfig,
+    adapters_for_batch,
+    batch_statistics,
+    batches,
+    continuation_nll,
+    mean_nll,
+    train,
+)
+from conftest import start_server, tiny_llama
+
+P, C = 6, 8
+DOMAINS = [(10, 40), (100, 130), (200, 230)]
+
+
+def synthetic(n: int, seed: int) -> list[Example]:
+    """Three domains: prompt tokens from the domain's range; the continuation repeats a domain-specific
+    cycle, so a domain-aware adapter can predict it much better than the random base model."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        d = i % 3
+        lo, hi = DOMAINS[d]
+        prompt = tuple(rng.randrange(lo, hi) for _ in range(P))
+        continuation = tuple(lo + (j * (d + 2)) % 7 for j in range(C))
+        out.append(Example(prompt, continuation, f"d{d}", f"doc{i}"))
+    return out
+
+
+def setup(init: str = "zero", seed: int = 0):
+    model = tiny_llama()
+    plan = plan_export(model, ["q_proj", "v_proj"], rank=4, init=init, hidden=32)
+    torch.manual_seed(seed)
+    network = HyperNetwork(plan.hypernetwork_config)
+    return model, plan, network
+
+
+def test_adapters_start_at_zero_so_training_starts_at_the_base_model() -> None:
+    model, plan, network = setup("zero")
+    applier = DeltaApplier(
+        model, [n for ms in plan.group_modules.values() for n in ms], plan.manifest_base["scaling"]
+    )
+    data = synthetic(12, 0)
+    with_net, _ = mean_nll(model, applier, network, plan.group_modules, data, FixedK(3), 6)
+    base, _ = mean_nll(model, applier, None, plan.group_modules, data, FixedK(3), 6)
+    assert np.array_equal(with_net, base)
+    static = StaticLoRA(plan.hypernetwork_config)
+    with_static, _ = mean_nll(model, applier, static, plan.group_modules, data, FixedK(3), 6)
+    assert np.array_equal(with_static, base)
+
+
+@pytest.mark.parametrize("kind", ["hyper", "static"])
+def test_training_lowers_the_validation_loss(kind: str) -> None:
+    model, plan, network = setup("zero")
+    if kind == "static":
+        network = StaticLoRA(plan.hypernetwork_config)
+    train_data, val_data = synthetic(60, 1), synthetic(18, 2)
+    config = TrainConfig(policy=FixedK(3), batch_size=12, lr=1e-2, max_steps=40, eval_every=10, patience=10)
+    applier = DeltaApplier(
+        model, [n for ms in plan.group_modules.values() for n in ms], plan.manifest_base["scaling"]
+    )
+    before, length = mean_nll(model, applier, network, plan.group_modules, val_data, FixedK(3), 12)
+    applier.remove()
+    result = train(
+        model,
+        network,
+        plan.group_modules,
+        plan.manifest_base["scaling"],
+        train_data,
+        val_data,
+        config,
+        progress=False,
+    )
+    after = result.best_validation_nll
+    assert after < 0.95 * before.sum() / (len(before) * length)  # at least 5% lower per token
+    assert result.history[0]["validation_nll"] > after
+    assert not any(m._forward_hooks for m in model.modules())  # training leaves the model as it was
+
+
+def test_changing_only_the_continuation_does_not_change_the_adapter() -> None:
+    model, plan, network = setup("random")
+    data = synthetic(9, 3)
+    changed = [Example(e.prompt, tuple(reversed(e.continuation)), e.label, e.doc_id) for e in data]
+    adapters = []
+    for examples in (data, changed):
+        stats = batch_statistics(model, torch.tensor([e.prompt for e in examples]))
+        adapters.append(adapters_for_batch(network, plan.group_modules, stats, FixedK(3)))
+    assert np.array_equal(adapters[0].assignments, adapters[1].assignments)
+    for name, (a, b) in adapters[0].rows.items():
+        assert torch.equal(a, adapters[1].rows[name][0]) and torch.equal(b, adapters[1].rows[name][1])
+
+
+def test_statistic_is_the_plugins_function() -> None:
+    import adapter_service.training as training
+    import chameleon_torch.model as plugin
+
+    assert training.mean_input_embedding is plugin.mean_input_embedding
+
+
+def test_training_application_equals_the_plugin_with_the_exported_artifact(tmp_path: Path) -> None:
+    """Train/serve parity: the differentiable training hooks and the served path (ONNX in the sidecar,
+    k-means in the sidecar, chameleon_torch's stacked hooks) give the same logits."""
+    from chameleon_torch import PluginConfig, attach
+
+    model, plan, network = setup("random", seed=4)
+    network.eval()
+    artifact = export_artifact(network, plan, tmp_path / "artifact")
+    data = synthetic(9, 5)
+    prompts = torch.tensor([e.prompt for e in data])
+    tokens = torch.tensor([e.prompt + e.continuation for e in data])
+    applier = DeltaApplier(
+        model, [n for ms in plan.group_modules.values() for n in ms], plan.manifest_base["scaling"]
+    )
+    with torch.no_grad():
+        adapters = adapters_for_batch(
+            network, plan.group_modules, batch_statistics(model, prompts), FixedK(3)
+        )
+        applier.rows = adapters.rows
+        trained = model(input_ids=tokens).logits
+        applier.rows = None
+    applier.remove()
+    server = start_server(artifact.path)
+    try:
+        handle = attach(
+            model,
+            AdapterClient(server.address, timeout=10),
+            PluginConfig(policy=FixedK(3), wire_dtype="float32", deadline_s=10),
+        )
+        with torch.no_grad(), handle.adapt(prompts) as batch:  # statistic from the prompt only
+            served = model(input_ids=tokens).logits
+        handle.detach()
+    finally:
+        server.stop()
+    assert batch.adapted and np.array_equal(batch.assignments, adapters.assignments)
+    assert float((served - trained).abs().max() / trained.abs().max()) <= 1e-5
+
+
+def test_static_lora_exports_and_ignores_its_input(tmp_path: Path) -> None:
+    from adapter_service.runtime import HyperNetworkRuntime
+
+    _, plan, _ = setup("zero")
+    static = StaticLoRA(plan.hypernetwork_config)
+    with torch.no_grad():
+        for b in static.b:
+            b.normal_()
+    runtime = HyperNetworkRuntime(export_artifact(static, plan, tmp_path / "static"))
+    out = runtime.generate(np.random.default_rng(0).standard_normal((3, 64)).astype("f4"))
+    for group in out.values():
+        assert np.array_equal(group.b[0], group.b[2]) and np.abs(group.b).max() > 0
+
+
+def test_batches_mixed_and_coherent() -> None:
+    data = synthetic(30, 6)
+    mixed = next(batches(data, 6, "mixed", random.Random(0)))
+    assert len({e.label for e in mixed}) > 1
+    coherent = [next(it) for it in [batches(data, 5, "coherent", random.Random(0))] for _ in range(4)]
+    assert all(len({e.label for e in chunk}) == 1 for chunk in coherent)
+    with pytest.raises(ValueError, match="batching"):
+        next(batches(data, 5, "other", random.Random(0)))
+    with pytest.raises(ValueError, match="label"):
+        next(batches([Example((1,), (2,))] * 10, 5, "coherent", random.Random(0)))
+
+
+def test_continuation_nll_scores_only_the_continuation() -> None:
+    model, _, _ = setup()
+    applier = DeltaApplier(model, [], 1.0)
+    data = synthetic(3, 7)
+    nll, length = continuation_nll(model, applier, data, None)
+    assert length == C and nll.shape == (3,)
+    changed_prompt_tail = [Example(e.prompt, (*e.continuation[:-1], 0), e.label) for e in data]
+    nll2, _ = continuation_nll(model, applier, changed_prompt_tail, None)
+    assert not torch.equal(nll, nll2)  # the last continuation token is scored

@@ -15,10 +15,12 @@ export and serve exactly like Chameleon.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -147,8 +149,100 @@ def adapters_for_batch(
     return BatchAdapters(grouping.assignments, centroids, rows)
 
 
+class PrefixCache:
+    """Frozen hidden states entering the first adapted layer, computed once per example.
+
+    When only late layers (or only lm_head) are adapted, everything before them is the same in
+    every epoch and for every method: caching it makes a training step and an evaluation run only
+    the suffix. For Llama-family models (`model.model.layers`, `rotary_emb`, `norm`, `lm_head`),
+    without padding (examples have fixed lengths), which is how this trainer feeds them.
+    """
+
+    def __init__(self, model: nn.Module, first_layer: int) -> None:
+        inner = getattr(model, "model", None)
+        if not all(hasattr(inner, a) for a in ("layers", "rotary_emb", "norm")) or not hasattr(
+            model, "lm_head"
+        ):
+            raise ValueError(
+                f"prefix caching: {type(model).__name__} is not a Llama-family model "
+                "(model.model.layers / rotary_emb / norm and lm_head); train without the cache"
+            )
+        if not 0 <= first_layer <= len(inner.layers):
+            raise ValueError(f"first_layer: expected 0..{len(inner.layers)}, got {first_layer}")
+        self.model = model
+        self.first_layer = first_layer
+        self.hidden: dict[Example, torch.Tensor] = {}
+
+    @staticmethod
+    def first_adapted_layer(model: nn.Module, module_names: Sequence[str]) -> int | None:
+        """The first decoder layer any target lives in; the layer count for lm_head alone; None when a
+        target sits before the layers (nothing can be cached)."""
+        layers = []
+        for name in module_names:
+            match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+            if match:
+                layers.append(int(match.group(1)))
+            elif name.rsplit(".", 1)[-1] == "lm_head":
+                layers.append(len(model.model.layers))
+            else:
+                return None
+        return min(layers) if layers else None
+
+    def add(self, examples: Sequence[Example], batch_size: int = 32, progress: bool = True) -> None:
+        """Compute and keep the prefix hidden states of examples not cached yet."""
+        from tqdm import tqdm
+
+        todo = [e for e in dict.fromkeys(examples) if e not in self.hidden]
+        inner = self.model.model
+        stop_at = inner.layers[self.first_layer] if self.first_layer < len(inner.layers) else inner.norm
+        captured: list[torch.Tensor] = []
+
+        def capture(module: nn.Module, args: tuple) -> None:
+            captured.append(args[0].detach())
+            raise _PrefixDone
+
+        handle = stop_at.register_forward_pre_hook(capture)
+        device = self.model.get_input_embeddings().weight.device
+        try:
+            with torch.no_grad():
+                for start in tqdm(
+                    range(0, len(todo), batch_size), desc="caching prefix states", disable=not progress
+                ):
+                    chunk = todo[start : start + batch_size]
+                    tokens = torch.tensor([e.prompt + e.continuation for e in chunk], device=device)
+                    with contextlib.suppress(_PrefixDone):
+                        self.model(input_ids=tokens)
+                    for example, state in zip(chunk, captured.pop(), strict=True):
+                        self.hidden[example] = state.clone()
+        finally:
+            handle.remove()
+
+    def scored_logits(self, examples: Sequence[Example], p: int, c: int) -> torch.Tensor:
+        """Logits at the positions predicting the continuation [B, c, V], running only the suffix."""
+        from transformers.masking_utils import create_causal_mask
+
+        inner = self.model.model
+        h = torch.stack([self.hidden[e] for e in examples])
+        positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+        embeddings = inner.rotary_emb(h, position_ids=positions)
+        mask = create_causal_mask(
+            config=inner.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=positions
+        )
+        for layer in inner.layers[self.first_layer :]:
+            h = layer(h, attention_mask=mask, position_embeddings=embeddings, position_ids=positions)
+        return self.model.lm_head(inner.norm(h[:, p - 1 : p + c - 1]))
+
+
+class _PrefixDone(Exception):
+    """Stops the forward pass once the prefix state is captured."""
+
+
 def continuation_nll(
-    model: nn.Module, applier: DeltaApplier, examples: Sequence[Example], adapters: BatchAdapters | None
+    model: nn.Module,
+    applier: DeltaApplier,
+    examples: Sequence[Example],
+    adapters: BatchAdapters | None,
+    prefix: PrefixCache | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Summed NLL of each row's continuation [B], and the continuation length."""
     device = model.get_input_embeddings().weight.device
@@ -157,10 +251,12 @@ def continuation_nll(
     c = len(examples[0].continuation)
     applier.rows = adapters.rows if adapters is not None else None
     try:
-        logits = model(input_ids=tokens).logits
+        if prefix is not None:
+            predicted = prefix.scored_logits(examples, p, c).float()
+        else:
+            predicted = model(input_ids=tokens).logits[:, p - 1 : p + c - 1].float()
     finally:
         applier.rows = None
-    predicted = logits[:, p - 1 : p + c - 1].float()
     target = tokens[:, p : p + c]
     nll = nn.functional.cross_entropy(
         predicted.reshape(-1, predicted.shape[-1]), target.reshape(-1), reduction="none"
@@ -228,6 +324,7 @@ def mean_nll(
     policy: ClusteringPolicy,
     batch_size: int,
     seed: int = 0,
+    prefix: PrefixCache | None = None,
 ) -> tuple[np.ndarray, int]:
     """Per-example summed NLL over serving-like batches (fixed order); network None = base model."""
     totals = []
@@ -239,7 +336,7 @@ def mean_nll(
             if network is not None:
                 stats = batch_statistics(model, torch.tensor([e.prompt for e in chunk]))
                 adapters = adapters_for_batch(network, group_modules, stats, policy, seed)
-            nll, length = continuation_nll(model, applier, chunk, adapters)
+            nll, length = continuation_nll(model, applier, chunk, adapters, prefix)
             totals.append(nll.cpu().numpy())
     return np.concatenate(totals), length
 
@@ -253,12 +350,18 @@ def train(
     validation_examples: Sequence[Example],
     config: TrainConfig,
     progress: bool = True,
+    prefix: PrefixCache | None = None,
 ) -> TrainResult:
-    """Train `network` (the model stays frozen); keeps the best validation state in `network`."""
+    """Train `network` (the model stays frozen); keeps the best validation state in `network`.
+
+    With `prefix`, only the layers from the first adapted one on run (states before it are cached).
+    """
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     model.requires_grad_(False)
     names = [n for members in group_modules.values() for n in members]
+    if prefix is not None:
+        prefix.add([*train_examples, *validation_examples], config.batch_size, progress)
     applier = DeltaApplier(model, names, scaling)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     stream = batches(train_examples, config.batch_size, config.batching, rng)
@@ -276,7 +379,7 @@ def train(
             adapters = adapters_for_batch(
                 network, group_modules, stats, config.policy, seed=config.seed + step
             )
-            nll, length = continuation_nll(model, applier, chunk, adapters)
+            nll, length = continuation_nll(model, applier, chunk, adapters, prefix)
             loss = nll.sum() / (len(chunk) * length)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -293,6 +396,7 @@ def train(
                     config.policy,
                     config.batch_size,
                     config.seed,
+                    prefix,
                 )
                 val_nll = float(val.sum() / (len(val) * val_len))
                 history.append({"step": step, "train_nll": loss.item(), "validation_nll": val_nll})

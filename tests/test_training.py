@@ -25,7 +25,7 @@ from adapter_service.training import (
     mean_nll,
     train,
 )
-from conftest import start_server, tiny_llama
+from conftest import start_server, tiny_gpt2, tiny_llama
 
 P, C = 6, 8
 DOMAINS = [(10, 40), (100, 130), (200, 230)]
@@ -188,3 +188,57 @@ def test_continuation_nll_scores_only_the_continuation() -> None:
     changed_prompt_tail = [Example(e.prompt, (*e.continuation[:-1], 0), e.label) for e in data]
     nll2, _ = continuation_nll(model, applier, changed_prompt_tail, None)
     assert not torch.equal(nll, nll2)  # the last continuation token is scored
+
+
+@pytest.mark.parametrize("targets", [["v_proj"], ["lm_head"], ["model.layers.1.self_attn.q_proj", "lm_head"]])
+def test_prefix_cache_gives_the_same_nll_as_the_full_forward(targets: list[str]) -> None:
+    from adapter_service.training import PrefixCache
+
+    model = tiny_llama()
+    plan = plan_export(model, targets, rank=4, init="random", hidden=16)
+    torch.manual_seed(0)
+    network = HyperNetwork(plan.hypernetwork_config).eval()
+    names = [n for ms in plan.group_modules.values() for n in ms]
+    first = PrefixCache.first_adapted_layer(model, names)
+    assert first == {"v_proj": 0, "lm_head": 2}.get(targets[0], 1)
+    prefix = PrefixCache(model, first)
+    data = synthetic(12, 8)
+    prefix.add(data, batch_size=5, progress=False)
+    applier = DeltaApplier(model, names, plan.manifest_base["scaling"])
+    full, _ = mean_nll(model, applier, network, plan.group_modules, data, FixedK(3), 6)
+    cached, _ = mean_nll(model, applier, network, plan.group_modules, data, FixedK(3), 6, prefix=prefix)
+    base_full, _ = mean_nll(model, applier, None, plan.group_modules, data, FixedK(3), 6)
+    applier.remove()
+    assert float(np.abs(cached - full).max() / np.abs(full).max()) <= 1e-5
+    assert float(np.abs(full - base_full).max()) > 1e-3  # the adapters matter, so the check is not vacuous
+
+
+def test_training_with_the_prefix_cache_matches_training_without() -> None:
+    from adapter_service.training import PrefixCache
+
+    results = []
+    for use_cache in (False, True):
+        model, plan, network = setup("zero")
+        names = [n for ms in plan.group_modules.values() for n in ms]
+        prefix = PrefixCache(model, PrefixCache.first_adapted_layer(model, names)) if use_cache else None
+        config = TrainConfig(policy=FixedK(3), batch_size=12, lr=1e-2, max_steps=6, eval_every=3, patience=10)
+        result = train(
+            model,
+            network,
+            plan.group_modules,
+            plan.manifest_base["scaling"],
+            synthetic(36, 1),
+            synthetic(12, 2),
+            config,
+            progress=False,
+            prefix=prefix,
+        )
+        results.append([h["validation_nll"] for h in result.history])
+    assert np.allclose(results[0], results[1], rtol=1e-4)
+
+
+def test_prefix_cache_refuses_models_it_cannot_split() -> None:
+    from adapter_service.training import PrefixCache
+
+    with pytest.raises(ValueError, match="not a Llama-family model"):
+        PrefixCache(tiny_gpt2(), 1)

@@ -1,0 +1,252 @@
+"""The fair comparison (brief, section 3): base, static LoRAs, Chameleon per cluster and per request,
+per-domain experts, on the test split, with bootstrap 95% intervals over documents and several seeds.
+
+Every method is trained by `training.train` on the same examples, scored on the same continuation
+tokens with the same loss, and evaluated in serving-like batches of mixed test prompts. Results of
+each (seed, method) are written as they finish, so an interrupted study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adapter_service.clustering import AutoK, ClusteringPolicy, FixedK
+from adapter_service.export import plan_export
+from adapter_service.hypernetwork import HyperNetwork, HyperNetworkConfig
+from adapter_service.training import (
+    DeltaApplier,
+    Example,
+    PrefixCache,
+    StaticLoRA,
+    TrainConfig,
+    mean_nll,
+    train,
+)
+
+log = logging.getLogger(__name__)
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of per-document values and its 95% percentile interval, resampling documents."""
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
+    return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+@dataclass
+class StudyConfig:
+    targets: list[str]
+    rank: int = 8
+    hidden: int = 64
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    batch_size: int = 32
+    max_steps: int = 100
+    eval_every: int = 10
+    patience: int = 3
+    lr: float = 1e-3
+    train_policy: ClusteringPolicy = field(default_factory=lambda: AutoK(max_k=8))
+    eval_ks: tuple[int, ...] = (1, 4, 8)
+    experts: bool = True
+
+
+def static_rank_for(params: int, config: HyperNetworkConfig) -> int:
+    """The static-LoRA rank whose parameter count is closest to `params`."""
+    per_rank = sum(g.num_modules * (g.d_in + g.d_out) for g in config.groups)
+    return max(1, round(params / per_rank))
+
+
+def run_study(
+    model: torch.nn.Module,
+    train_examples: Sequence[Example],
+    validation_examples: Sequence[Example],
+    test_examples: Sequence[Example],
+    config: StudyConfig,
+    out: Path,
+    progress: bool = True,
+) -> dict:
+    """Train and score every method for every seed; returns (and writes) the report data."""
+    out.mkdir(parents=True, exist_ok=True)
+    runs = out / "runs"
+    runs.mkdir(exist_ok=True)
+    plan = plan_export(model, config.targets, config.rank, hidden=config.hidden)
+    names = [n for ms in plan.group_modules.values() for n in ms]
+    scaling = plan.manifest_base["scaling"]
+    first = PrefixCache.first_adapted_layer(model, names)
+    prefix = None
+    if first is not None:
+        try:
+            prefix = PrefixCache(model, first)
+            prefix.add([*train_examples, *validation_examples, *test_examples], config.batch_size, progress)
+        except ValueError as exc:
+            log.warning("no prefix cache: %s", exc)
+            prefix = None
+    hyper_params = HyperNetwork(plan.hypernetwork_config).num_parameters()
+    big_rank = static_rank_for(hyper_params, plan.hypernetwork_config)
+
+    def score(network, policy: ClusteringPolicy) -> np.ndarray:
+        applier = DeltaApplier(model, names, scaling)
+        try:
+            sums, length = mean_nll(
+                model,
+                applier,
+                network,
+                plan.group_modules,
+                test_examples,
+                policy,
+                config.batch_size,
+                0,
+                prefix,
+            )
+        finally:
+            applier.remove()
+        return sums / length  # per-token mean NLL of each test document
+
+    def fit(network, examples, validation, seed: int, policy: ClusteringPolicy) -> dict:
+        tc = TrainConfig(
+            policy=policy,
+            batch_size=min(config.batch_size, len(examples)),
+            lr=config.lr,
+            max_steps=config.max_steps,
+            eval_every=config.eval_every,
+            patience=config.patience,
+            seed=seed,
+        )
+        started = time.perf_counter()
+        result = train(
+            model, network, plan.group_modules, scaling, examples, validation, tc, progress, prefix
+        )
+        return {
+            "best_step": result.best_step,
+            "steps": result.steps,
+            "seconds": time.perf_counter() - started,
+            "best_validation_nll": result.best_validation_nll,
+        }
+
+    def cached(name: str, seed: int, compute) -> dict:
+        path = runs / f"{name}-seed{seed}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        record = compute()
+        path.write_text(json.dumps(record) + "\n")
+        return record
+
+    base = cached("base", 0, lambda: {"per_doc": score(None, FixedK(1)).tolist()})
+    records: dict[str, list[dict]] = {"base": [base]}
+    rank_config = plan.hypernetwork_config
+    big_config = HyperNetworkConfig(**{**asdict(rank_config), "groups": rank_config.groups, "rank": big_rank})
+    labels = sorted({e.label for e in train_examples if e.label is not None})
+    for seed in config.seeds:
+
+        def static_run(cfg=rank_config, seed=seed) -> dict:
+            torch.manual_seed(seed)
+            network = StaticLoRA(cfg)
+            facts = fit(network, train_examples, validation_examples, seed, FixedK(1))
+            return {
+                "per_doc": score(network, FixedK(1)).tolist(),
+                "params": network.num_parameters(),
+                **facts,
+            }
+
+        records.setdefault("static LoRA (same rank)", []).append(cached("static", seed, static_run))
+        if big_rank != config.rank:
+            big = cached("static-big", seed, lambda seed=seed: static_run(big_config, seed))
+            records.setdefault(f"static LoRA (rank {big_rank}, ~hyper params)", []).append(big)
+
+        def hyper_run(seed=seed) -> dict:
+            torch.manual_seed(seed)
+            network = HyperNetwork(rank_config)
+            facts = fit(network, train_examples, validation_examples, seed, config.train_policy)
+            scores = {"auto k": score(network, AutoK(max_k=8)).tolist()}
+            for k in config.eval_ks:
+                scores[f"k={k}"] = score(network, FixedK(k)).tolist()
+            scores["per request"] = score(network, FixedK(config.batch_size)).tolist()
+            return {"scores": scores, "params": network.num_parameters(), **facts}
+
+        hyper = cached("hyper", seed, hyper_run)
+        for policy_name, per_doc in hyper["scores"].items():
+            records.setdefault(f"Chameleon, {policy_name}", []).append(
+                {"per_doc": per_doc, "params": hyper["params"], "best_step": hyper["best_step"]}
+            )
+        if config.experts and labels:
+            records.setdefault("per-domain experts", []).append(
+                cached(
+                    "experts",
+                    seed,
+                    lambda seed=seed: _experts(
+                        labels,
+                        train_examples,
+                        validation_examples,
+                        test_examples,
+                        rank_config,
+                        seed,
+                        fit,
+                        score,
+                    ),
+                )
+            )
+    report = summarise(records, len(test_examples), config, hyper_params, big_rank)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _experts(labels, train_examples, validation_examples, test_examples, cfg, seed, fit, score) -> dict:
+    """One static LoRA per label, trained on that label only; each test document scored by its own."""
+    per_doc = np.zeros(len(test_examples))
+    params = 0
+    for label in labels:
+        torch.manual_seed(seed)
+        network = StaticLoRA(cfg)
+        own_train = [e for e in train_examples if e.label == label]
+        own_val = [e for e in validation_examples if e.label == label] or list(validation_examples)
+        fit(network, own_train, own_val, seed, FixedK(1))
+        params += network.num_parameters()
+        scored = score(network, FixedK(1))
+        mask = np.array([e.label == label for e in test_examples])
+        per_doc[mask] = scored[mask]
+    return {"per_doc": per_doc.tolist(), "params": params}
+
+
+def summarise(
+    records: dict[str, list[dict]], n_test: int, config: StudyConfig, hyper_params: int, big_rank: int
+) -> dict:
+    """Per method: mean test NLL over seeds with a document-bootstrap CI, per-seed means, and the
+    paired difference to the same-rank static LoRA (the baseline the method has to beat)."""
+    methods = {}
+    reference = records.get("static LoRA (same rank)")
+    ref = np.mean([r["per_doc"] for r in reference], axis=0) if reference else None
+    for name, runs in records.items():
+        per_doc = np.mean([r["per_doc"] for r in runs], axis=0)  # averaged over seeds, per document
+        mean, lo, hi = bootstrap_ci(per_doc)
+        entry = {
+            "mean_nll": mean,
+            "ci95": [lo, hi],
+            "perplexity": math.exp(mean),
+            "per_seed": [float(np.mean(r["per_doc"])) for r in runs],
+            "seeds": len(runs),
+            "params": runs[0].get("params", 0),
+        }
+        if ref is not None:
+            delta, dlo, dhi = bootstrap_ci(per_doc - ref)
+            entry["vs_static_same_rank"] = {"delta": delta, "ci95": [dlo, dhi]}
+        methods[name] = entry
+    return {
+        "test_documents": n_test,
+        "targets": config.targets,
+        "rank": config.rank,
+        "static_rank_equal_params": big_rank,
+        "hypernetwork_params": hyper_params,
+        "seeds": config.seeds,
+        "max_steps": config.max_steps,
+        "batch_size": config.batch_size,
+        "methods": methods,
+    }

@@ -17,7 +17,7 @@ from pathlib import Path
 from adapter_service import __version__
 
 log = logging.getLogger("chameleon")
-_BUILTIN_COMMANDS = ("serve", "export", "demo")
+_BUILTIN_COMMANDS = ("serve", "export", "demo", "train", "eval")
 
 
 def _limit_blas_threads(threads: int | None) -> None:
@@ -90,6 +90,119 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_inputs(args: argparse.Namespace):
+    from adapter_service.model_loading import load_causal_lm
+    from adapter_service.training import load_examples
+
+    model, tokenizer = load_causal_lm(args.model)
+    splits = load_examples(
+        args.data,
+        tokenizer,
+        args.prompt_tokens,
+        args.continuation_tokens,
+        args.max_per_label,
+        args.split_seed,
+        args.drop_label,
+    )
+    print(
+        f"{args.data}: {len(splits.train)} train / {len(splits.validation)} validation / "
+        f"{len(splits.test)} test examples ({args.prompt_tokens} prompt + {args.continuation_tokens} "
+        "continuation tokens)",
+        flush=True,
+    )
+    return model, splits
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from adapter_service.clustering import AutoK
+    from adapter_service.export import export_artifact, plan_export
+    from adapter_service.hypernetwork import HyperNetwork
+    from adapter_service.training import PrefixCache, StaticLoRA, TrainConfig, train
+
+    model, splits = _study_inputs(args)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    plan = plan_export(model, targets, args.rank, hidden=args.hidden)
+    torch.manual_seed(args.seed)
+    network = (
+        HyperNetwork(plan.hypernetwork_config)
+        if args.kind == "hyper"
+        else StaticLoRA(plan.hypernetwork_config)
+    )
+    names = [n for ms in plan.group_modules.values() for n in ms]
+    first = PrefixCache.first_adapted_layer(model, names)
+    prefix = PrefixCache(model, first) if first is not None and hasattr(model, "lm_head") else None
+    config = TrainConfig(
+        policy=AutoK(max_k=args.max_k),
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_steps=args.steps,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        seed=args.seed,
+        batching=args.batching,
+    )
+    result = train(
+        model,
+        network,
+        plan.group_modules,
+        plan.manifest_base["scaling"],
+        splits.train,
+        splits.validation,
+        config,
+        prefix=prefix,
+    )
+    facts = {
+        "trained": True,
+        "kind": args.kind,
+        "data": args.data,
+        "seed": args.seed,
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "best_validation_nll": result.best_validation_nll,
+        "history": result.history,
+        "prompt_tokens": args.prompt_tokens,
+        "continuation_tokens": args.continuation_tokens,
+        "batching": args.batching,
+    }
+    artifact = export_artifact(network.eval(), plan, args.out, facts=facts)
+    print(
+        f"wrote {artifact.path} ({artifact.manifest.artifact_id}); best validation NLL "
+        f"{result.best_validation_nll:.4f} at step {result.best_step}"
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import shlex
+    import time
+
+    from adapter_service.evaluation import StudyConfig, run_study
+    from adapter_service.report import write_report
+
+    started = time.perf_counter()
+    model, splits = _study_inputs(args)
+    config = StudyConfig(
+        targets=[t.strip() for t in args.targets.split(",") if t.strip()],
+        rank=args.rank,
+        hidden=args.hidden,
+        seeds=args.seeds,
+        batch_size=args.batch_size,
+        max_steps=args.steps,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        lr=args.lr,
+        experts=not args.no_experts,
+    )
+    out = Path(args.out)
+    report = run_study(model, splits.train, splits.validation, splits.test, config, out)
+    command = "chameleon " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    write_report(report, out, command, time.perf_counter() - started)
+    print((out / "report.md").read_text())
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from adapter_service.demo import run_demo
 
@@ -150,6 +263,45 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--seed", type=int, default=0)
     export.add_argument("--out", required=True)
     export.set_defaults(func=_export)
+
+    for name, help_text in (
+        ("train", "train a hyper-network (or static LoRA) and write its artifact"),
+        ("eval", "the fair comparison: every method, seeds, CIs -> report.json/md/png"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument(
+            "--model",
+            default="smollm2-135m-instruct",
+            help="preset, .gguf file, local HF directory or hub id",
+        )
+        p.add_argument(
+            "--data", default="wiki-categories", help="preset (wiki-categories, bbc-news, wiki+bbc) or path"
+        )
+        p.add_argument(
+            "--targets", required=True, help="module names or globs, e.g. 'model.layers.2[6-9].*.v_proj'"
+        )
+        p.add_argument("--rank", type=int, default=8)
+        p.add_argument("--hidden", type=int, default=64, help="hyper-network width")
+        p.add_argument("--prompt-tokens", type=int, default=32)
+        p.add_argument("--continuation-tokens", type=int, default=48)
+        p.add_argument("--max-per-label", type=int, default=None, help="cap documents per label (fast runs)")
+        p.add_argument("--drop-label", action="append", default=[], help="leave out a label (repeatable)")
+        p.add_argument("--split-seed", type=int, default=0, help="the document split; fixed across seeds")
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--steps", type=int, default=100)
+        p.add_argument("--eval-every", type=int, default=10)
+        p.add_argument("--patience", type=int, default=3)
+        p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--out", required=True)
+    train_p, eval_p = sub.choices["train"], sub.choices["eval"]
+    train_p.add_argument("--kind", choices=("hyper", "static"), default="hyper")
+    train_p.add_argument("--seed", type=int, default=0)
+    train_p.add_argument("--max-k", type=int, default=8, help="auto-k bound of the training batches")
+    train_p.add_argument("--batching", choices=("mixed", "coherent"), default="mixed")
+    train_p.set_defaults(func=_train)
+    eval_p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    eval_p.add_argument("--no-experts", action="store_true", help="skip the per-domain expert LoRAs")
+    eval_p.set_defaults(func=_eval)
 
     demo = sub.add_parser("demo", help="make an artifact, serve it, call it once")
     demo.add_argument("--workdir", default=".chameleon/demo", help="where the demo writes its artifact")

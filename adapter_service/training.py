@@ -411,3 +411,39 @@ def train(
         applier.remove()
     network.load_state_dict(best[2])
     return TrainResult(best_step=best[1], best_validation_nll=best[0], history=history, steps=step)
+
+
+@dataclass
+class ExampleSplits:
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+
+
+def load_examples(
+    data: str,
+    tokenizer,
+    prompt_tokens: int = 32,
+    continuation_tokens: int = 48,
+    max_per_label: int | None = None,
+    split_seed: int = 0,
+    drop_labels: Sequence[str] = (),
+) -> ExampleSplits:
+    """A corpus (preset or local path) -> tokenised train/validation/test examples, split by document.
+
+    Documents too short for prompt + continuation are dropped *before* splitting, so every split
+    keeps its share; the split seed is fixed separately from training seeds, so seeds vary the
+    training, never the test set."""
+    from adapter_service.corpora import load_documents, split_documents
+
+    documents = [d for d in load_documents(data) if d.label not in set(drop_labels)]
+    need = prompt_tokens + continuation_tokens
+    lengths = tokenizer([d.text for d in documents], add_special_tokens=False).input_ids
+    documents = [d for d, ids in zip(documents, lengths, strict=True) if len(ids) >= need]
+    splits = split_documents(documents, seed=split_seed, max_per_label=max_per_label)
+    return ExampleSplits(
+        *(
+            make_examples(part, tokenizer, prompt_tokens, continuation_tokens)
+            for part in (splits.train, splits.validation, splits.test)
+        )
+    )

@@ -130,9 +130,7 @@ def _train(args: argparse.Namespace) -> int:
         if args.kind == "hyper"
         else StaticLoRA(plan.hypernetwork_config)
     )
-    names = [n for ms in plan.group_modules.values() for n in ms]
-    first = PrefixCache.first_adapted_layer(model, names)
-    prefix = PrefixCache(model, first) if first is not None and hasattr(model, "lm_head") else None
+    prefix = PrefixCache.for_targets(model, [n for ms in plan.group_modules.values() for n in ms])
     config = TrainConfig(
         policy=AutoK(max_k=args.max_k),
         batch_size=args.batch_size,

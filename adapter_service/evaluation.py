@@ -81,15 +81,9 @@ def run_study(
     plan = plan_export(model, config.targets, config.rank, hidden=config.hidden)
     names = [n for ms in plan.group_modules.values() for n in ms]
     scaling = plan.manifest_base["scaling"]
-    first = PrefixCache.first_adapted_layer(model, names)
-    prefix = None
-    if first is not None:
-        try:
-            prefix = PrefixCache(model, first)
-            prefix.add([*train_examples, *validation_examples, *test_examples], config.batch_size, progress)
-        except ValueError as exc:
-            log.warning("no prefix cache: %s", exc)
-            prefix = None
+    prefix = PrefixCache.for_targets(model, names)
+    if prefix is not None:
+        prefix.add([*train_examples, *validation_examples, *test_examples], config.batch_size, progress)
     hyper_params = HyperNetwork(plan.hypernetwork_config).num_parameters()
     big_rank = static_rank_for(hyper_params, plan.hypernetwork_config)
 

@@ -173,10 +173,25 @@ class PrefixCache:
         self.first_layer = first_layer
         self.hidden: dict[Example, torch.Tensor] = {}
 
+    @classmethod
+    def for_targets(cls, model: nn.Module, module_names: Sequence[str]) -> PrefixCache | None:
+        """A cache starting at the first adapted layer, or None when the model or targets allow none."""
+        first = cls.first_adapted_layer(model, module_names)
+        if first is None:
+            return None
+        try:
+            return cls(model, first)
+        except ValueError as exc:
+            log.warning("training without a prefix cache: %s", exc)
+            return None
+
     @staticmethod
     def first_adapted_layer(model: nn.Module, module_names: Sequence[str]) -> int | None:
         """The first decoder layer any target lives in; the layer count for lm_head alone; None when a
         target sits before the layers (nothing can be cached)."""
+        inner = getattr(model, "model", None)
+        if not hasattr(inner, "layers"):
+            return None
         layers = []
         for name in module_names:
             match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)

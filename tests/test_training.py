@@ -242,3 +242,11 @@ def test_prefix_cache_refuses_models_it_cannot_split() -> None:
 
     with pytest.raises(ValueError, match="not a Llama-family model"):
         PrefixCache(tiny_gpt2(), 1)
+
+
+def test_prefix_cache_for_targets_is_none_where_nothing_can_be_cached() -> None:
+    from adapter_service.training import PrefixCache
+
+    assert PrefixCache.for_targets(tiny_gpt2(), ["transformer.h.1.attn.c_attn"]) is None
+    assert PrefixCache.for_targets(tiny_llama(), ["model.embed_tokens"]) is None
+    assert PrefixCache.for_targets(tiny_llama(), ["model.layers.1.self_attn.v_proj"]).first_layer == 1

@@ -65,7 +65,7 @@ def parse_adapt_request(request: pb.AdaptRequest, manifest: Manifest, limits: Li
             f"D = {d}; expected D = {manifest.statistic.dim} ({manifest.statistic.kind} of "
             f"{manifest.base_model.architecture})",
         )
-    stats = stats.astype(np.float32)
+    stats = stats.astype(np.float32, copy=False)  # float32 on the wire (the usual case): no copy
     finite = np.isfinite(stats)
     if not finite.all():
         row = int(np.argwhere(~finite)[0][0])

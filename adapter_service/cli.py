@@ -2,6 +2,8 @@
 
 chameleon serve  --artifact DIR [--address 127.0.0.1:50051 | unix:PATH] [--metrics-port 9464]
 chameleon export --model DIR|config.json|HUB_ID --targets q_proj,v_proj --rank 8 --out DIR
+chameleon export-peft --artifact DIR --model M --prompts FILE --out DIR   (one cluster -> PEFT dir)
+chameleon train / chameleon eval   (see --help)
 chameleon demo   (the main job: make an artifact, serve it, call it once)
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 from adapter_service import __version__
 
 log = logging.getLogger("chameleon")
-_BUILTIN_COMMANDS = ("serve", "export", "demo", "train", "eval")
+_BUILTIN_COMMANDS = ("serve", "export", "export-peft", "demo", "train", "eval")
 
 
 def _limit_blas_threads(threads: int | None) -> None:
@@ -90,6 +92,83 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_prompts(path: str) -> list[str]:
+    """One prompt per line of a .txt file, or the "text" field of each line of a .jsonl file."""
+    import json
+
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    if path.endswith(".jsonl"):
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{number}: expected a JSON object with a string field 'text'")
+            prompts.append(record["text"])
+        lines = prompts
+    if not lines:
+        raise ValueError(f"{path}: expected at least one prompt, found none")
+    return lines
+
+
+def _export_peft(args: argparse.Namespace) -> int:
+    """The adapter the service would generate if these prompts formed one cluster, as a PEFT dir."""
+    import torch
+
+    from adapter_service.artifact import ArtifactError, load_artifact
+    from adapter_service.clustering import FixedK, cluster
+    from adapter_service.model_loading import load_causal_lm
+    from adapter_service.model_spec import fingerprint
+    from adapter_service.peft_export import write_peft_adapter
+    from adapter_service.statistics import MEAN_INPUT_EMBEDDING, mean_input_embedding
+
+    try:
+        artifact = load_artifact(args.artifact)
+        manifest = artifact.manifest
+        if manifest.statistic.kind != MEAN_INPUT_EMBEDDING:
+            raise ValueError(
+                f"statistic: this command computes {MEAN_INPUT_EMBEDDING!r}, "
+                f"the artifact declares {manifest.statistic.kind!r}"
+            )
+        prompts = read_prompts(args.prompts)
+        model, tokenizer = load_causal_lm(args.model)
+        found = fingerprint(model, hash_weights=bool(manifest.base_model.weights_sha256))
+        if found != manifest.base_model:
+            raise ValueError(
+                f"model: {args.model} is not the artifact's base model "
+                f"(expected {manifest.base_model}, found {found})"
+            )
+        embedding = model.get_input_embeddings().weight
+        with torch.no_grad():
+            stats = torch.cat(
+                [
+                    mean_input_embedding(embedding, torch.tensor([ids]))
+                    for ids in tokenizer(prompts, add_special_tokens=False).input_ids
+                    if ids
+                ]
+            )
+        centroid = cluster(stats.numpy(), FixedK(1)).centroids[0]
+        conv1d = frozenset(
+            name
+            for name, module in model.named_modules()
+            if type(module).__name__ == "Conv1D" and name in {n for n, _, _ in manifest.targets}
+        )
+        out = write_peft_adapter(
+            artifact,
+            centroid,
+            args.out,
+            base_model_name_or_path=args.base_name or args.model,
+            conv1d_modules=conv1d,
+        )
+    except (ArtifactError, ValueError, OSError) as exc:
+        print(f"chameleon export-peft: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {out} (PEFT LoRA, rank {manifest.rank}, {len(manifest.targets)} modules) for the cluster "
+        f"of {len(prompts)} prompts"
+    )
+    return 0
+
+
 def _study_inputs(args: argparse.Namespace):
     from adapter_service.model_loading import load_causal_lm
     from adapter_service.training import load_examples
@@ -114,6 +193,8 @@ def _study_inputs(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    import shlex
+
     import torch
 
     from adapter_service.clustering import AutoK
@@ -162,7 +243,14 @@ def _train(args: argparse.Namespace) -> int:
         "history": result.history,
         "prompt_tokens": args.prompt_tokens,
         "continuation_tokens": args.continuation_tokens,
+        "max_per_label": args.max_per_label,
+        "drop_labels": args.drop_label,
+        "split_seed": args.split_seed,
         "batching": args.batching,
+        "max_k": args.max_k,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "command": "chameleon " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }
     artifact = export_artifact(network.eval(), plan, args.out, facts=facts)
     print(
@@ -192,6 +280,7 @@ def _eval(args: argparse.Namespace) -> int:
         patience=args.patience,
         lr=args.lr,
         experts=not args.no_experts,
+        expert_batch_size=args.expert_batch_size,
     )
     out = Path(args.out)
     report = run_study(model, splits.train, splits.validation, splits.test, config, out)
@@ -262,6 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True)
     export.set_defaults(func=_export)
 
+    peft = sub.add_parser(
+        "export-peft", help="write the adapter generated for a group of prompts as a PEFT LoRA directory"
+    )
+    peft.add_argument("--artifact", required=True, help="artifact directory (trained by chameleon train)")
+    peft.add_argument("--model", default="smollm2-135m-instruct", help="the artifact's base model")
+    peft.add_argument("--prompts", required=True, help=".txt (one per line) or .jsonl ('text' field)")
+    peft.add_argument("--base-name", default=None, help="base_model_name_or_path in adapter_config.json")
+    peft.add_argument("--out", required=True)
+    peft.set_defaults(func=_export_peft)
+
     for name, help_text in (
         ("train", "train a hyper-network (or static LoRA) and write its artifact"),
         ("eval", "the fair comparison: every method, seeds, CIs -> report.json/md/png"),
@@ -299,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_p.set_defaults(func=_train)
     eval_p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     eval_p.add_argument("--no-experts", action="store_true", help="skip the per-domain expert LoRAs")
+    eval_p.add_argument("--expert-batch-size", type=int, default=8, help="batch of each per-label expert")
     eval_p.set_defaults(func=_eval)
 
     demo = sub.add_parser("demo", help="make an artifact, serve it, call it once")

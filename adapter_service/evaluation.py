@@ -57,6 +57,58 @@ class StudyConfig:
     train_policy: ClusteringPolicy = field(default_factory=lambda: AutoK(max_k=8))
     eval_ks: tuple[int, ...] = (1, 4, 8)
     experts: bool = True
+    # Each expert sees only its label's share of the data: a smaller batch gives it as many updates
+    # as the shared LoRAs get, at a fraction of their cost (experts dominated the study's wall time).
+    expert_batch_size: int = 8
+
+
+def batch_latency(
+    model: torch.nn.Module,
+    network: torch.nn.Module,
+    group_modules: dict[str, list[str]],
+    scaling: float,
+    examples: Sequence[Example],
+    policy: ClusteringPolicy,
+    batch_size: int,
+    repeats: int = 3,
+) -> dict:
+    """Milliseconds per serving-sized batch: preparing its adapters (statistics, k-means, the network
+    on the centroids) and one full forward of prompt + continuation without and with them (medians).
+
+    In-process torch: the serving path adds the sidecar round trip (see benchmarks/)."""
+    from adapter_service.training import adapters_for_batch, batch_statistics
+
+    chunk = list(examples[:batch_size])
+    tokens = torch.tensor([e.prompt + e.continuation for e in chunk])
+    prompts = torch.tensor([e.prompt for e in chunk])
+    names = [n for ms in group_modules.values() for n in ms]
+    applier = DeltaApplier(model, names, scaling)
+    prepare, base, adapted = [], [], []
+    try:
+        with torch.no_grad():
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                stats = batch_statistics(model, prompts)
+                adapters = adapters_for_batch(network, group_modules, stats, policy)
+                t1 = time.perf_counter()
+                model(input_ids=tokens)
+                t2 = time.perf_counter()
+                applier.rows = adapters.rows
+                model(input_ids=tokens)
+                applier.rows = None
+                t3 = time.perf_counter()
+                prepare.append(t1 - t0)
+                base.append(t2 - t1)
+                adapted.append(t3 - t2)
+    finally:
+        applier.remove()
+    return {
+        "batch_size": len(chunk),
+        "tokens_per_row": tokens.shape[1],
+        "prepare_ms": 1e3 * float(np.median(prepare)),
+        "base_forward_ms": 1e3 * float(np.median(base)),
+        "adapted_forward_ms": 1e3 * float(np.median(adapted)),
+    }
 
 
 def static_rank_for(params: int, config: HyperNetworkConfig) -> int:
@@ -87,7 +139,7 @@ def run_study(
     hyper_params = HyperNetwork(plan.hypernetwork_config).num_parameters()
     big_rank = static_rank_for(hyper_params, plan.hypernetwork_config)
 
-    def score(network, policy: ClusteringPolicy) -> np.ndarray:
+    def score(network, policy: ClusteringPolicy, examples: Sequence[Example] = test_examples) -> np.ndarray:
         applier = DeltaApplier(model, names, scaling)
         try:
             sums, length = mean_nll(
@@ -95,7 +147,7 @@ def run_study(
                 applier,
                 network,
                 plan.group_modules,
-                test_examples,
+                examples,
                 policy,
                 config.batch_size,
                 0,
@@ -105,10 +157,10 @@ def run_study(
             applier.remove()
         return sums / length  # per-token mean NLL of each test document
 
-    def fit(network, examples, validation, seed: int, policy: ClusteringPolicy) -> dict:
+    def fit(network, examples, validation, seed: int, policy: ClusteringPolicy, batch_size=None) -> dict:
         tc = TrainConfig(
             policy=policy,
-            batch_size=min(config.batch_size, len(examples)),
+            batch_size=min(batch_size or config.batch_size, len(examples)),
             lr=config.lr,
             max_steps=config.max_steps,
             eval_every=config.eval_every,
@@ -164,7 +216,10 @@ def run_study(
             for k in config.eval_ks:
                 scores[f"k={k}"] = score(network, FixedK(k)).tolist()
             scores["per request"] = score(network, FixedK(config.batch_size)).tolist()
-            return {"scores": scores, "params": network.num_parameters(), **facts}
+            latency = batch_latency(
+                model, network, plan.group_modules, scaling, test_examples, AutoK(max_k=8), config.batch_size
+            )
+            return {"scores": scores, "params": network.num_parameters(), "latency": latency, **facts}
 
         hyper = cached("hyper", seed, hyper_run)
         for policy_name, per_doc in hyper["scores"].items():
@@ -183,31 +238,43 @@ def run_study(
                         test_examples,
                         rank_config,
                         seed,
-                        fit,
+                        lambda *a: fit(*a, batch_size=config.expert_batch_size),
                         score,
                     ),
                 )
             )
     report = summarise(records, len(test_examples), config, hyper_params, big_rank)
+    latencies = [json.loads(p.read_text()).get("latency") for p in sorted(runs.glob("hyper-seed*.json"))]
+    latencies = [x for x in latencies if x]
+    if latencies:
+        report["latency_per_batch"] = {
+            key: float(np.median([x[key] for x in latencies])) for key in latencies[0]
+        }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
 def _experts(labels, train_examples, validation_examples, test_examples, cfg, seed, fit, score) -> dict:
-    """One static LoRA per label, trained on that label only; each test document scored by its own."""
-    per_doc = np.zeros(len(test_examples))
+    """One static LoRA per label, trained on that label only; each test document scored by its own
+    (an oracle: it is told every test document's label)."""
+    per_doc = np.full(len(test_examples), np.nan)
     params = 0
+    steps = {}
     for label in labels:
         torch.manual_seed(seed)
         network = StaticLoRA(cfg)
         own_train = [e for e in train_examples if e.label == label]
         own_val = [e for e in validation_examples if e.label == label] or list(validation_examples)
-        fit(network, own_train, own_val, seed, FixedK(1))
+        facts = fit(network, own_train, own_val, seed, FixedK(1))
+        steps[label] = facts["best_step"]
         params += network.num_parameters()
-        scored = score(network, FixedK(1))
-        mask = np.array([e.label == label for e in test_examples])
-        per_doc[mask] = scored[mask]
-    return {"per_doc": per_doc.tolist(), "params": params}
+        rows = [i for i, e in enumerate(test_examples) if e.label == label]
+        if rows:
+            per_doc[rows] = score(network, FixedK(1), [test_examples[i] for i in rows])
+    if np.isnan(per_doc).any():  # a test label with no training data: no expert to score it
+        missing = sorted({test_examples[i].label for i in np.flatnonzero(np.isnan(per_doc))})
+        raise ValueError(f"no expert for test labels {missing}: they have no training documents")
+    return {"per_doc": per_doc.tolist(), "params": params, "best_steps": steps}
 
 
 def summarise(

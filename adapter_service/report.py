@@ -32,6 +32,17 @@ def write_report(report: dict, out: Path, command: str = "", wall_seconds: float
             f"| {name} | {m['mean_nll']:.4f} | {m['ci95'][0]:.4f}-{m['ci95'][1]:.4f} | "
             f"{m['perplexity']:.3f} | {delta_text} | {seeds} | {m['params']:,} |"
         )
+    latency = report.get("latency_per_batch")
+    if latency:
+        lines += [
+            "",
+            f"Cost per batch of {latency['batch_size']:.0f} (in-process, this machine, median over seeds): "
+            f"preparing the adapters (statistics, k-means, hyper-network) {latency['prepare_ms']:.1f} ms; "
+            f"a forward of {latency['tokens_per_row']:.0f} tokens per row "
+            f"{latency['base_forward_ms']:.0f} ms "
+            f"without and {latency['adapted_forward_ms']:.0f} ms with the adapters (the training-path "
+            "hooks; the serving plugin's cost is in benchmarks/README.md).",
+        ]
     if command:
         lines += ["", f"Command: `{command}`"]
     if wall_seconds is not None:

@@ -99,12 +99,21 @@ def test_requests_fall_back_to_the_base_model_when_the_sidecar_dies(
         adapted = generate_all(server, PROMPTS, concurrent=True)
         assert all(adapted)
         assert metric(server, "chameleon_plugin_batches_total", 'outcome="adapted"') >= 1
+        client = InferenceClient(base_url=server.url, timeout=120)
+        facts = client.text_generation(PROMPTS[0], max_new_tokens=2, details=True).details.chameleon
+        assert facts["adapted"] is True and facts["fallback_reason"] is None
+        assert facts["batch_size"] == 1 and facts["k"] == 1 and facts["cluster"] == 0
         sidecar.kill()
         after = generate_all(server, PROMPTS, concurrent=True)
         after_streamed = generate_all(server, PROMPTS[:2], concurrent=True, stream=True)
         assert after == base_outputs
         assert after_streamed == base_outputs[:2]
         assert metric(server, "chameleon_plugin_fallbacks_total", 'reason="unavailable"') >= 2
+        facts = client.text_generation(PROMPTS[0], max_new_tokens=2, details=True).details.chameleon
+        assert facts["adapted"] is False and facts["fallback_reason"] == "unavailable"
+        assert facts["cluster"] is None
+        last = list(client.text_generation(PROMPTS[0], max_new_tokens=2, stream=True, details=True))[-1]
+        assert last.details.chameleon["fallback_reason"] == "unavailable"
     finally:
         server.shutdown(grace=10)
         sidecar.stop()

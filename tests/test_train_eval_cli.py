@@ -79,3 +79,83 @@ def test_eval_writes_the_report(inputs, tmp_path: Path) -> None:
     text = (out / "report.md").read_text()
     assert "| method | NLL |" in text and "Command: `chameleon eval" in text
     assert (out / "report.png").stat().st_size > 10_000
+    assert report["latency_per_batch"]["prepare_ms"] > 0 and "Cost per batch" in text
+
+
+def test_export_peft_writes_the_adapter_of_the_prompts_cluster(inputs, tmp_path: Path) -> None:
+    """The CLI's centroid is the service's one-cluster centroid (mean of L2-normalised statistics)."""
+    import numpy as np
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapter_service.clustering import l2_normalize
+    from adapter_service.peft_export import write_peft_adapter
+    from adapter_service.statistics import mean_input_embedding
+
+    model_dir, data = inputs
+    artifact = tmp_path / "artifact"
+    run("train", "--model", str(model_dir), "--data", str(data), *COMMON, "--out", str(artifact))
+    prompts = [SENTENCES[0][:40], SENTENCES[0][10:60]]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "peft"
+    run(
+        "export-peft",
+        "--artifact",
+        str(artifact),
+        "--model",
+        str(model_dir),
+        "--prompts",
+        str(tmp_path / "prompts.txt"),
+        "--out",
+        str(out),
+    )
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    stats = torch.cat(
+        [
+            mean_input_embedding(model.get_input_embeddings().weight, torch.tensor([ids]))
+            for ids in tokenizer(prompts, add_special_tokens=False).input_ids
+        ]
+    )
+    centroid = l2_normalize(stats.detach().numpy()).mean(axis=0)
+    expected = write_peft_adapter(load_artifact(artifact), centroid, tmp_path / "expected")
+    got, want = (
+        load_file(out / "adapter_model.safetensors"),
+        load_file(expected / "adapter_model.safetensors"),
+    )
+    assert set(got) == set(want) and got
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7)
+    assert any(np.abs(t).max() > 0 for t in got.values())  # trained: B moved away from zero
+
+
+def test_export_peft_refuses_another_base_model(inputs, tmp_path: Path) -> None:
+    model_dir, data = inputs
+    artifact = tmp_path / "artifact"
+    run("train", "--model", str(model_dir), "--data", str(data), *COMMON, "--out", str(artifact))
+    other = tmp_path / "other"
+    tokenizer = tiny_tokenizer()
+    tiny_model(tokenizer, seed=7).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    (tmp_path / "p.txt").write_text("hello there\n")
+    result = subprocess.run(
+        [
+            str(CHAMELEON),
+            "export-peft",
+            "--artifact",
+            str(artifact),
+            "--model",
+            str(other),
+            "--prompts",
+            str(tmp_path / "p.txt"),
+            "--out",
+            str(tmp_path / "peft"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 2 and "is not the artifact's base model" in result.stderr
+    assert not (tmp_path / "peft").exists()

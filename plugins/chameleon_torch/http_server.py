@@ -31,7 +31,9 @@ a non-zero `frequency_penalty`, `adapter_id` (Chameleon chooses adapters per bat
 Logprobs are real (see `chameleon_torch.batching`); `top_n_tokens` (<= 5) is supported.
 
 Non-streamed answers also carry TGI's timing headers (`x-queue-time`, `x-inference-time`, ...) and
-`x-chameleon-adapted`, `x-chameleon-fallback-reason`, `x-chameleon-cluster`, `x-chameleon-batch-size`.
+`x-chameleon-adapted`, `x-chameleon-fallback-reason`, `x-chameleon-cluster`, `x-chameleon-batch-size`; with
+`details`, the same facts as `details.chameleon` (`adapted`, `cluster`, `k`, `batch_size`, `fallback_reason`),
+an extra field TGI clients keep (huggingface_hub: `out.details.chameleon`).
 """
 
 from __future__ import annotations
@@ -207,8 +209,21 @@ def generate_response(result: GenerationResult, details: bool) -> dict[str, Any]
         }
         if result.top_tokens:
             d["top_tokens"] = [_top_json(t) for t in result.top_tokens]
+        d["chameleon"] = _chameleon_json(result)
         body["details"] = d
     return body
+
+
+def _chameleon_json(result: GenerationResult) -> dict[str, Any]:
+    """What Chameleon did to this request, inside `details` where TGI clients keep unknown fields
+    (huggingface_hub exposes them as attributes); the same facts travel as x-chameleon-* headers."""
+    return {
+        "adapted": result.adapted,
+        "cluster": result.cluster,
+        "k": result.k,
+        "batch_size": result.batch_size,
+        "fallback_reason": result.fallback_reason,
+    }
 
 
 def stream_event(event: TokenEvent, details: bool) -> dict[str, Any]:
@@ -228,6 +243,7 @@ def stream_event(event: TokenEvent, details: bool) -> dict[str, Any]:
                 "generated_tokens": final.generated_tokens,
                 "input_length": final.input_length,
                 "seed": final.seed,
+                "chameleon": _chameleon_json(final),
             }
     return body
 

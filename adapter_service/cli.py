@@ -204,7 +204,7 @@ def _train(args: argparse.Namespace) -> int:
 
     model, splits = _study_inputs(args)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    plan = plan_export(model, targets, args.rank, hidden=args.hidden)
+    plan = plan_export(model, targets, args.rank, hidden=args.hidden, max_delta_norm=args.max_delta_norm)
     torch.manual_seed(args.seed)
     network = (
         HyperNetwork(plan.hypernetwork_config)
@@ -281,6 +281,7 @@ def _eval(args: argparse.Namespace) -> int:
         lr=args.lr,
         experts=not args.no_experts,
         expert_batch_size=args.expert_batch_size,
+        max_delta_norm=args.max_delta_norm,
     )
     out = Path(args.out)
     report = run_study(model, splits.train, splits.validation, splits.test, config, out)
@@ -389,6 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--eval-every", type=int, default=10)
         p.add_argument("--patience", type=int, default=3)
         p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument(
+            "--max-delta-norm",
+            type=float,
+            default=None,
+            help="cap every delta at this multiple of its base weight's Frobenius norm (default: no cap)",
+        )
         p.add_argument("--out", required=True)
     train_p, eval_p = sub.choices["train"], sub.choices["eval"]
     train_p.add_argument("--kind", choices=("hyper", "static"), default="hyper")

@@ -60,6 +60,7 @@ class StudyConfig:
     # Each expert sees only its label's share of the data: a smaller batch gives it as many updates
     # as the shared LoRAs get, at a fraction of their cost (experts dominated the study's wall time).
     expert_batch_size: int = 8
+    max_delta_norm: float | None = None  # cap on ||s B A||_F / ||W||_F for every method (None = off)
 
 
 def batch_latency(
@@ -130,7 +131,10 @@ def run_study(
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs"
     runs.mkdir(exist_ok=True)
-    plan = plan_export(model, config.targets, config.rank, hidden=config.hidden)
+    _claim(out, config, train_examples, validation_examples, test_examples)
+    plan = plan_export(
+        model, config.targets, config.rank, hidden=config.hidden, max_delta_norm=config.max_delta_norm
+    )
     names = [n for ms in plan.group_modules.values() for n in ms]
     scaling = plan.manifest_base["scaling"]
     prefix = PrefixCache.for_targets(model, names)
@@ -252,6 +256,37 @@ def run_study(
         }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _claim(out: Path, config: StudyConfig, *splits: Sequence[Example]) -> None:
+    """Resume only the same study: saved runs are reused by (seed, method) name, so a directory holding
+    runs of another configuration or other data must be refused, not silently mixed in."""
+    import hashlib
+
+    identity = {
+        # seeds may be added to a finished study; everything else must match
+        "config": json.loads(json.dumps({**asdict(config), "seeds": None}, default=repr)),
+        "data": hashlib.sha256(
+            json.dumps(
+                [[(e.doc_id, e.label, e.prompt, e.continuation) for e in split] for split in splits]
+            ).encode()
+        ).hexdigest(),
+    }
+    path = out / "study.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved != identity:
+            changed = [
+                key for key in identity["config"] if saved["config"].get(key) != identity["config"][key]
+            ]
+            if saved["data"] != identity["data"]:
+                changed.append("data")
+            raise ValueError(
+                f"out: {out} holds runs of another study (different {', '.join(changed)}); "
+                "use a new directory, or delete it to start over"
+            )
+    else:
+        path.write_text(json.dumps(identity, indent=2) + "\n")
 
 
 def _experts(labels, train_examples, validation_examples, test_examples, cfg, seed, fit, score) -> dict:

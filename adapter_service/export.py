@@ -83,24 +83,43 @@ def plan_export(
     alpha: float | None = None,
     hidden: int = 64,
     init: str = "zero",
+    max_delta_norm: float | None = None,
 ) -> ExportPlan:
+    """`max_delta_norm` c caps every emitted delta at ||s B A||_F <= c ||W||_F (needs real weights)."""
     if rank < 1:
         raise ValueError(f"rank: expected a positive integer, got {rank}")
+    if max_delta_norm is not None and not max_delta_norm > 0:
+        raise ValueError(f"max_delta_norm: expected a positive number or None, got {max_delta_norm}")
     groups = group_targets(find_targets(model, targets))
     fp = fingerprint(model)
+    alpha = float(alpha if alpha is not None else 2 * rank)
+    scaling = alpha / rank
+
+    def limits(members) -> tuple[float, ...]:
+        if max_delta_norm is None:
+            return ()
+        weights = [model.get_submodule(m.name).weight for m in members]
+        if any(w.is_meta for w in weights):
+            raise ValueError(
+                "max_delta_norm: the cap is relative to the base weights; load the model's weights"
+            )
+        return tuple(float(max_delta_norm * w.detach().float().norm() / scaling) for w in weights)
+
     config = HyperNetworkConfig(
         stat_dim=fp.hidden_size,
-        groups=tuple(GroupShape(name, ms[0].d_in, ms[0].d_out, len(ms)) for name, ms in groups.items()),
+        groups=tuple(
+            GroupShape(name, ms[0].d_in, ms[0].d_out, len(ms), limits(ms)) for name, ms in groups.items()
+        ),
         rank=rank,
         hidden=hidden,
         init=init,
+        max_delta_norm=max_delta_norm,
     )
-    alpha = float(alpha if alpha is not None else 2 * rank)
     manifest_base = {
         "base_model": fp,
         "statistic": StatisticSpec(kind=MEAN_INPUT_EMBEDDING, dim=fp.hidden_size, normalization="l2"),
         "rank": rank,
-        "scaling": alpha / rank,
+        "scaling": scaling,
     }
     return ExportPlan(manifest_base, config, {name: [m.name for m in ms] for name, ms in groups.items()})
 

@@ -6,6 +6,10 @@ on a learned per-layer embedding. Parameters grow with the number of module *typ
 
 B's head starts at zero, so a fresh network emits zero deltas and training starts at the base
 model, as LoRA does; `init="random"` gives non-zero B for tests and demos of the plumbing.
+
+An optional cap bounds every emitted delta, ||s B A||_F <= c ||W||_F per cluster and module, inside
+the network (so the exported graph enforces it too): a centroid unlike anything seen in training
+cannot produce an arbitrarily large change to the model.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ class GroupShape:
     d_in: int
     d_out: int
     num_modules: int
+    # Per module, the largest allowed ||B A||_F (= c ||W||_F / s); empty = no cap.
+    norm_limits: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -31,14 +37,45 @@ class HyperNetworkConfig:
     rank: int
     hidden: int = 64
     init: str = "zero"  # "zero": B = 0 (training starts at the base model); "random": small B
+    max_delta_norm: float | None = None  # c of the cap, relative to ||W||_F (recorded; limits in groups)
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> HyperNetworkConfig:
-        groups = tuple(GroupShape(**g) for g in data["groups"])
+        groups = tuple(
+            GroupShape(**{**g, "norm_limits": tuple(g.get("norm_limits", ()))}) for g in data["groups"]
+        )
         return cls(**{**data, "groups": groups})
+
+
+def cap_delta_norm(a: torch.Tensor, b: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """B rescaled so that ||B A||_F <= limit for each [..., L] module; differentiable and exportable.
+
+    ||B A||_F^2 = sum((A A^T) * (B^T B)): two r x r products, never the d_out x d_in delta itself. The
+    tiny epsilon keeps the gradient finite at B = 0, where training starts."""
+    gram = (a @ a.transpose(-1, -2)) * (b.transpose(-1, -2) @ b)
+    norm = torch.sqrt(gram.sum(dim=(-1, -2)).clamp_min(0.0) + 1e-24)
+    factor = torch.clamp(limits / norm, max=1.0)
+    return b * factor[..., None, None]
+
+
+class DeltaNormCaps(nn.Module):
+    """The cap's per-module limits as buffers (derived from the config, not saved in state dicts)."""
+
+    def __init__(self, groups: tuple[GroupShape, ...]) -> None:
+        super().__init__()
+        self.enabled = [bool(g.norm_limits) for g in groups]
+        for i, g in enumerate(groups):
+            if g.norm_limits and len(g.norm_limits) != g.num_modules:
+                raise ValueError(
+                    f"groups[{g.name}].norm_limits: expected {g.num_modules} values, got {len(g.norm_limits)}"
+                )
+            self.register_buffer(f"limits_{i}", torch.tensor(g.norm_limits or [0.0]), persistent=False)
+
+    def apply(self, i: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return cap_delta_norm(a, b, getattr(self, f"limits_{i}")) if self.enabled[i] else b
 
 
 class HyperNetwork(nn.Module):
@@ -66,6 +103,7 @@ class HyperNetwork(nn.Module):
             else:
                 nn.init.normal_(head_b.weight, std=0.02 / h**0.5)
                 nn.init.normal_(head_b.bias, std=0.02)
+        self.caps = DeltaNormCaps(config.groups)
 
     @property
     def output_names(self) -> list[str]:
@@ -76,12 +114,13 @@ class HyperNetwork(nn.Module):
         r = self.config.rank
         z = self.trunk(centroids)
         outputs: list[torch.Tensor] = []
-        for group, emb, head_a, head_b in zip(
-            self.config.groups, self.layer_embeddings, self.heads_a, self.heads_b, strict=True
+        for i, (group, emb, head_a, head_b) in enumerate(
+            zip(self.config.groups, self.layer_embeddings, self.heads_a, self.heads_b, strict=True)
         ):
             u = nn.functional.gelu(z[:, None, :] + emb[None, :, :])  # [K, L, h]
-            outputs.append(head_a(u).reshape(k, group.num_modules, r, group.d_in))
-            outputs.append(head_b(u).reshape(k, group.num_modules, group.d_out, r))
+            a = head_a(u).reshape(k, group.num_modules, r, group.d_in)
+            b = head_b(u).reshape(k, group.num_modules, group.d_out, r)
+            outputs += [a, self.caps.apply(i, a, b)]
         return tuple(outputs)
 
     def num_parameters(self) -> int:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from adapter_service.clustering import ClusteringPolicy, FixedK, cluster
-from adapter_service.hypernetwork import HyperNetworkConfig
+from adapter_service.hypernetwork import DeltaNormCaps, HyperNetworkConfig
 from adapter_service.statistics import mean_input_embedding
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class StaticLoRA(nn.Module):
         self.b = nn.ParameterList(
             [nn.Parameter(torch.zeros(g.num_modules, g.d_out, r)) for g in config.groups]
         )
+        self.caps = DeltaNormCaps(config.groups)
 
     @property
     def output_names(self) -> list[str]:
@@ -82,7 +83,8 @@ class StaticLoRA(nn.Module):
         # 0 * sum keeps the input in the exported graph (dynamic K) without changing any value.
         anchor = 0.0 * centroids.sum()
         outputs: list[torch.Tensor] = []
-        for a, b in zip(self.a, self.b, strict=True):
+        for i, (a, b) in enumerate(zip(self.a, self.b, strict=True)):
+            b = self.caps.apply(i, a, b)
             outputs.append(a.unsqueeze(0).expand(k, *a.shape) + anchor)
             outputs.append(b.unsqueeze(0).expand(k, *b.shape) + anchor)
         return tuple(outputs)

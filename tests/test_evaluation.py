@@ -57,3 +57,32 @@ def test_study_runs_every_method_and_resumes(tmp_path: Path) -> None:
     again = run_study(*args, progress=False)  # everything cached: nothing retrained or rewritten
     assert [f.stat().st_mtime_ns for f in sorted((tmp_path / "study" / "runs").iterdir())] == stamps
     assert again["methods"] == methods
+    assert again["latency_per_batch"]["base_forward_ms"] > 0
+
+
+def test_study_directory_refuses_another_configuration_but_takes_more_seeds(tmp_path: Path) -> None:
+    import dataclasses
+
+    import pytest
+
+    model = tiny_llama()
+    config = StudyConfig(
+        targets=["v_proj"],
+        rank=2,
+        hidden=8,
+        seeds=[0],
+        batch_size=6,
+        max_steps=2,
+        eval_every=2,
+        eval_ks=(1,),
+        experts=False,
+    )
+    data = (synthetic(24, 1), synthetic(12, 2), synthetic(12, 3))
+    out = tmp_path / "study"
+    run_study(model, *data, config, out, progress=False)
+    more = run_study(model, *data, dataclasses.replace(config, seeds=[0, 1]), out, progress=False)
+    assert more["methods"]["Chameleon, auto k"]["seeds"] == 2
+    with pytest.raises(ValueError, match=r"another study \(different lr\)"):
+        run_study(model, *data, dataclasses.replace(config, lr=5e-3), out, progress=False)
+    with pytest.raises(ValueError, match=r"different data"):
+        run_study(model, data[0], data[1], synthetic(12, 4), config, out, progress=False)

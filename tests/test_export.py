@@ -180,3 +180,69 @@ def test_network_emitting_nan_is_not_exported(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="artifact not written"):
         export_artifact(network, plan, tmp_path / "nan")
     assert not (tmp_path / "nan").exists()
+
+
+@pytest.mark.parametrize("kind", ["hyper", "static"])
+def test_delta_norm_cap_holds_in_torch_and_in_the_exported_graph(kind: str, tmp_path: Path) -> None:
+    """||s B A||_F <= c ||W||_F for every cluster and module, enforced inside the ONNX graph too; a
+    cap that does not bind changes nothing."""
+    from adapter_service.export import export_artifact
+    from adapter_service.training import StaticLoRA
+
+    model = tiny_llama()
+    cap = 0.01
+    plan = plan_export(model, ["q_proj", "v_proj"], rank=4, init="random", max_delta_norm=cap)
+    loose = plan_export(model, ["q_proj", "v_proj"], rank=4, init="random", max_delta_norm=1e6)
+    free = plan_export(model, ["q_proj", "v_proj"], rank=4, init="random")
+    make = HyperNetwork if kind == "hyper" else StaticLoRA
+
+    def build(p):
+        torch.manual_seed(3)
+        network = make(p.hypernetwork_config).eval()
+        if kind == "static":  # B starts at zero in a static LoRA; give it something to cap
+            with torch.no_grad():
+                for b in network.b:
+                    b.normal_(0, 1.0)
+        return network
+
+    capped, unbound, uncapped = build(plan), build(loose), build(free)
+    centroids = torch.nn.functional.normalize(torch.randn(5, 64), dim=-1)
+    with torch.no_grad():
+        outs, outs_loose, outs_free = capped(centroids), unbound(centroids), uncapped(centroids)
+    s = plan.manifest_base["scaling"]
+    binding = 0
+    for i, modules in enumerate(plan.group_modules.values()):
+        a, b = outs[2 * i], outs[2 * i + 1]
+        for layer, module in enumerate(modules):
+            w = model.get_submodule(module).weight.norm()
+            norms = (s * (b[:, layer] @ a[:, layer])).flatten(1).norm(dim=1)
+            assert torch.all(norms <= cap * w * (1 + 1e-5))
+            free_norms = (
+                (s * (outs_free[2 * i + 1][:, layer] @ outs_free[2 * i][:, layer])).flatten(1).norm(dim=1)
+            )
+            binding += int((free_norms > cap * w).sum())
+        torch.testing.assert_close(outs_loose[2 * i + 1], outs_free[2 * i + 1], rtol=1e-6, atol=0)
+    assert binding > 0  # the cap was exercised
+    artifact = export_artifact(capped, plan, tmp_path / kind)
+    assert artifact.manifest.hypernetwork["config"]["max_delta_norm"] == cap
+    got = HyperNetworkRuntime(artifact).generate(centroids.numpy())
+    for i, group in enumerate(artifact.manifest.groups):
+        assert relative_error(got[group.name].b, outs[2 * i + 1].numpy()) <= 1e-5
+
+
+def test_delta_norm_cap_trains_from_zero_and_needs_weights(tmp_path: Path) -> None:
+    plan = plan_export(tiny_llama(), ["v_proj"], rank=2, max_delta_norm=0.05)
+    network = HyperNetwork(plan.hypernetwork_config)
+    outs = network(torch.nn.functional.normalize(torch.randn(3, 64), dim=-1))
+    (outs[0].sum() + outs[1].sum()).backward()
+    grads = [p.grad for p in network.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)  # B = 0 is where training starts
+    assert network.heads_b[0].weight.grad.abs().max() > 0
+    from adapter_service.hypernetwork import HyperNetworkConfig
+
+    assert HyperNetworkConfig.from_json(plan.hypernetwork_config.to_json()) == plan.hypernetwork_config
+    with pytest.raises(ValueError, match="max_delta_norm"):
+        plan_export(tiny_llama(), ["v_proj"], rank=2, max_delta_norm=-1.0)
+    meta = load_model(Path(__file__).parents[1] / "adapter_service" / "data" / "smollm2-135m-config.json")
+    with pytest.raises(ValueError, match="max_delta_norm: the cap is relative to the base weights"):
+        plan_export(meta, ["v_proj"], rank=2, max_delta_norm=0.05)

@@ -4,7 +4,7 @@ chameleon serve  --artifact DIR [--address 127.0.0.1:50051 | unix:PATH] [--metri
 chameleon export --model DIR|config.json|HUB_ID --targets q_proj,v_proj --rank 8 --out DIR
 chameleon export-peft --artifact DIR --model M --prompts FILE --out DIR   (one cluster -> PEFT dir)
 chameleon train / chameleon eval   (see --help)
-chameleon demo   (the main job: make an artifact, serve it, call it once)
+chameleon demo   (the main job: SmolLM2, the shipped trained artifact, sidecar + model server, a mixed batch)
 """
 
 from __future__ import annotations
@@ -292,9 +292,15 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from adapter_service.demo import run_demo
+    from adapter_service.demo import DEMO_ARTIFACT, run_demo
 
-    return run_demo(workdir=Path(args.workdir))
+    return run_demo(
+        workdir=Path(args.workdir),
+        artifact_dir=Path(args.artifact) if args.artifact else DEMO_ARTIFACT,
+        batch=args.prompts,
+        quality_docs=args.quality_docs,
+        new_tokens=args.new_tokens,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -408,8 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
     eval_p.add_argument("--expert-batch-size", type=int, default=8, help="batch of each per-label expert")
     eval_p.set_defaults(func=_eval)
 
-    demo = sub.add_parser("demo", help="make an artifact, serve it, call it once")
-    demo.add_argument("--workdir", default=".chameleon/demo", help="where the demo writes its artifact")
+    demo = sub.add_parser(
+        "demo",
+        help="SmolLM2 + a trained hyper-network: sidecar, model server, a mixed batch, quality and cost",
+    )
+    demo.add_argument("--workdir", default=".chameleon/demo", help="where the demo writes its logs")
+    demo.add_argument(
+        "--artifact", default=None, help="artifact to serve (default: the shipped demo artifact)"
+    )
+    demo.add_argument("--prompts", type=int, default=16, help="mixed prompts sent at once")
+    demo.add_argument("--quality-docs", type=int, default=128, help="held-out documents scored")
+    demo.add_argument("--new-tokens", type=int, default=24)
     demo.set_defaults(func=_demo)
     _add_plugin_commands(sub)
     return parser

@@ -82,7 +82,7 @@ class ModelServerProcess:
             "--deadline-ms",
             "5000",
             "--batch-window-ms",
-            "500",
+            "2000",  # the demo's prompts arrive together; a wide window keeps them in one batch
             "--max-batch-size",
             str(max_batch_size),
             "--plain-logs",
@@ -178,7 +178,7 @@ def run_demo(
     codes: dict[str, int] = {}
     try:
         _step(2, f"starting the sidecar: chameleon serve --artifact {artifact_dir}")
-        sidecar = SidecarProcess(artifact_dir, metrics_port=-1, log_path=workdir / "sidecar.log")
+        sidecar = SidecarProcess(artifact_dir, log_path=workdir / "sidecar.log")
         print(f"      serving on {sidecar.address} (pid {sidecar.pid}); logs in {workdir / 'sidecar.log'}")
 
         _step(3, "starting the model server with the plugin: chameleon serve-model --sidecar ...")
@@ -284,34 +284,41 @@ def _rows(answer, torch):
     index = torch.from_numpy(answer.assignments.astype(np.int64))
     rows = {}
     for name in answer.clusters[0].modules:
-        a = torch.stack([torch.from_numpy(np.asarray(c.modules[name].a)) for c in answer.clusters])
-        b = torch.stack([torch.from_numpy(np.asarray(c.modules[name].b)) for c in answer.clusters])
+        a = torch.stack([torch.tensor(np.asarray(c.modules[name].a)) for c in answer.clusters])
+        b = torch.stack([torch.tensor(np.asarray(c.modules[name].b)) for c in answer.clusters])
         rows[name] = (a[index], b[index])
     return BatchAdapters(answer.assignments, torch.empty(0), rows)
 
 
 def _print_groups(chosen: list, texts: list[str], info: list[dict]) -> None:
-    adapted = [x for x in info if x.get("adapted")]
-    if not adapted:
+    """Which prompts shared an adapter: one block per server batch, one line per cluster."""
+    if not any(x.get("adapted") for x in info):
         reasons = Counter(x.get("fallback_reason") for x in info)
         print(f"      not adapted (base model): {dict(reasons)}")
         return
-    sizes = Counter(x["batch_size"] for x in info)
-    print(f"      the server ran them in batches of {dict(sizes)}; k = {info[0]['k']} clusters:")
-    clusters = sorted({x["cluster"] for x in adapted})
-    for c in clusters:
-        members = [i for i, x in enumerate(info) if x.get("cluster") == c]
-        mix = Counter(chosen[i].label for i in members)
-        print(f"      cluster {c}: {len(members)} prompts ({', '.join(f'{k} {v}' for k, v in mix.items())})")
-        for i in members[:3]:
-            print(f"         - [{chosen[i].label}] {_short(texts[i], 70)}")
+    for batch in sorted({x["batch"] for x in info}):
+        rows = [i for i, x in enumerate(info) if x["batch"] == batch]
+        first = info[rows[0]]
+        if not first.get("adapted"):
+            print(f"      batch {batch} ({len(rows)} prompts): base model ({first.get('fallback_reason')})")
+            continue
+        print(f"      batch {batch}: {len(rows)} prompts in k = {first['k']} clusters")
+        for c in sorted({info[i]["cluster"] for i in rows}):
+            members = [i for i in rows if info[i]["cluster"] == c]
+            mix = Counter(chosen[i].label for i in members)
+            print(
+                f"      cluster {c}: {len(members)} prompts ({', '.join(f'{k} {v}' for k, v in mix.items())})"
+            )
+            for i in members[:3]:
+                print(f"         - [{chosen[i].label}] {_short(texts[i], 70)}")
 
 
 def _one_per_cluster(info: list[dict], limit: int = 4) -> list[int]:
     seen, picked = set(), []
     for i, x in enumerate(info):
-        if x.get("cluster") not in seen:
-            seen.add(x.get("cluster"))
+        group = (x.get("batch"), x.get("cluster"))
+        if group not in seen:
+            seen.add(group)
             picked.append(i)
     return picked[:limit]
 

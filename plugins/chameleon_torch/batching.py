@@ -213,6 +213,7 @@ class GenerationResult:
     seed: int | None  # the seed that reproduces this output when sent again (sampling only)
     input_length: int  # prompt tokens (after truncation)
     batch_size: int  # rows of the generate call this request ran in
+    batch: int  # which generate call (a counter per server): equal numbers ran together
     adapted: bool  # the batch ran with Chameleon adapters
     fallback_reason: str | None  # why not, when a handle is attached
     cluster: int | None  # this row's cluster in the batch, when adapted
@@ -395,6 +396,7 @@ class _Row:
 class _BatchInfo:
     size: int
     seed: int | None
+    number: int = 0  # the worker's batch counter, to tell which requests ran together
     adapted: bool = False
     fallback_reason: str | None = None
     assignments: Any = None
@@ -532,6 +534,7 @@ class Batcher:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._lock = threading.Lock()
         self._in_flight = 0
+        self._batches_run = 0
         self._closing = False
         self._thread: threading.Thread | None = None
 
@@ -694,7 +697,8 @@ class Batcher:
         seed = None
         if sampling:
             seed = first.seed if first.seed is not None else random.getrandbits(63)
-        info = _BatchInfo(size=len(group), seed=seed, started=started)
+        self._batches_run += 1
+        info = _BatchInfo(size=len(group), seed=seed, started=started, number=self._batches_run)
         try:
             rows = []
             for position, p in enumerate(group):
@@ -838,6 +842,7 @@ class Batcher:
             seed=info.seed if (info.seed is not None and info.size == 1) else None,
             input_length=len(pending.input_ids),
             batch_size=info.size,
+            batch=info.number,
             adapted=info.adapted,
             fallback_reason=info.fallback_reason,
             cluster=cluster,

@@ -31,9 +31,9 @@ a non-zero `frequency_penalty`, `adapter_id` (Chameleon chooses adapters per bat
 Logprobs are real (see `chameleon_torch.batching`); `top_n_tokens` (<= 5) is supported.
 
 Non-streamed answers also carry TGI's timing headers (`x-queue-time`, `x-inference-time`, ...) and
-`x-chameleon-adapted`, `x-chameleon-fallback-reason`, `x-chameleon-cluster`, `x-chameleon-batch-size`; with
-`details`, the same facts as `details.chameleon` (`adapted`, `cluster`, `k`, `batch_size`, `fallback_reason`),
-an extra field TGI clients keep (huggingface_hub: `out.details.chameleon`).
+`x-chameleon-adapted`, `x-chameleon-fallback-reason`, `x-chameleon-cluster`, `x-chameleon-batch-size`;
+with `details`, the same facts as `details.chameleon` (`adapted`, `cluster`, `k`, `batch`, `batch_size`,
+`fallback_reason`), an extra field TGI clients keep (huggingface_hub: `out.details.chameleon`).
 """
 
 from __future__ import annotations
@@ -221,6 +221,7 @@ def _chameleon_json(result: GenerationResult) -> dict[str, Any]:
         "adapted": result.adapted,
         "cluster": result.cluster,
         "k": result.k,
+        "batch": result.batch,
         "batch_size": result.batch_size,
         "fallback_reason": result.fallback_reason,
     }

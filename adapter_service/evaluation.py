@@ -250,6 +250,13 @@ def run_study(
     report = summarise(records, len(test_examples), config, hyper_params, big_rank)
     latencies = [json.loads(p.read_text()).get("latency") for p in sorted(runs.glob("hyper-seed*.json"))]
     latencies = [x for x in latencies if x]
+    if all(e.label is not None for e in test_examples):
+        from adapter_service.diagnostics import grouping_diagnostics
+        from adapter_service.training import batch_statistics
+
+        with torch.no_grad():
+            stats = batch_statistics(model, torch.tensor([e.prompt for e in test_examples])).numpy()
+        report["grouping"] = grouping_diagnostics(stats, [e.label for e in test_examples], config.batch_size)
     if latencies:
         report["latency_per_batch"] = {
             key: float(np.median([x[key] for x in latencies])) for key in latencies[0]
@@ -275,6 +282,10 @@ def _claim(out: Path, config: StudyConfig, *splits: Sequence[Example]) -> None:
     path = out / "study.json"
     if path.exists():
         saved = json.loads(path.read_text())
+        defaults = json.loads(json.dumps(asdict(StudyConfig(targets=config.targets)), default=repr))
+        for key, value in identity["config"].items():  # a field added since: its default is what ran
+            if key not in saved["config"] and value == defaults[key]:
+                saved["config"][key] = value
         if saved != identity:
             changed = [
                 key for key in identity["config"] if saved["config"].get(key) != identity["config"][key]

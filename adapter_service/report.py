@@ -43,6 +43,21 @@ def write_report(report: dict, out: Path, command: str = "", wall_seconds: float
             f"without and {latency['adapted_forward_ms']:.0f} ms with the adapters (the training-path "
             "hooks; the serving plugin's cost is in benchmarks/README.md).",
         ]
+    grouping = report.get("grouping")
+    if grouping:
+        lines += [
+            "",
+            f"Grouping of the test prompts by the statistic ({grouping['labels']} labels; consecutive "
+            f"serving batches of {report['batch_size']}): "
+            f"k-NN domain accuracy {grouping['knn_accuracy']:.2f} "
+            f"(majority share {grouping['majority_share']:.2f}); "
+            + "; ".join(
+                f"{name}: mean k {g['mean_k']:.1f}, purity {g['purity']:.2f} "
+                f"(chance {g['chance_purity']:.2f}), NMI {g['nmi']:.2f}"
+                for name, g in grouping["policies"].items()
+            )
+            + ".",
+        ]
     if command:
         lines += ["", f"Command: `{command}`"]
     if wall_seconds is not None:

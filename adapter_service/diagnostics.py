@@ -5,7 +5,8 @@ about what the continuation needs. With domain labels as a proxy, three numbers 
 
 * purity: the share of requests whose cluster's majority label is their own, for the clusters the
   service forms in serving-sized batches (with the chance level for the same cluster sizes);
-* NMI between those clusters and the labels (0 = independent, 1 = the same partition);
+* NMI between those clusters and the labels (0 = independent, 1 = the same partition), with its
+  chance level: in batches of 32, even random clusters score well above 0;
 * k-NN domain accuracy over the whole set (cosine, leave-one-out): whether the statistic separates
   the domains at all, whatever k-means makes of it in a batch of 32.
 """
@@ -86,19 +87,22 @@ def grouping_diagnostics(
     }
     for name, policy in policies.items():
         hits = chance = 0
-        scores, ks = [], []
+        scores, chance_scores, ks = [], [], []
         for start in range(0, len(labels), batch_size):
             rows = list(range(start, min(start + batch_size, len(labels))))
             batch_labels = [labels[i] for i in rows]
             assignments = cluster(stats[rows], policy, seed=seed).assignments
             hits += _purity(assignments, batch_labels)
-            chance += _purity(rng.permutation(assignments), batch_labels)
+            shuffled = rng.permutation(assignments)  # same cluster sizes, no relation to the prompts
+            chance += _purity(shuffled, batch_labels)
             scores.append(nmi(assignments.tolist(), batch_labels))
+            chance_scores.append(nmi(shuffled.tolist(), batch_labels))
             ks.append(len(np.unique(assignments)))
         result["policies"][name] = {
             "purity": hits / len(labels),
             "chance_purity": chance / len(labels),
             "nmi": float(np.mean(scores)),
+            "chance_nmi": float(np.mean(chance_scores)),  # NMI of small partitions is biased upwards
             "mean_k": float(np.mean(ks)),
         }
     return result

@@ -53,7 +53,7 @@ def write_report(report: dict, out: Path, command: str = "", wall_seconds: float
             f"(majority share {grouping['majority_share']:.2f}); "
             + "; ".join(
                 f"{name}: mean k {g['mean_k']:.1f}, purity {g['purity']:.2f} "
-                f"(chance {g['chance_purity']:.2f}), NMI {g['nmi']:.2f}"
+                f"(chance {g['chance_purity']:.2f}), NMI {g['nmi']:.2f} (chance {g['chance_nmi']:.2f})"
                 for name, g in grouping["policies"].items()
             )
             + ".",

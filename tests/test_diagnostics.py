@@ -26,6 +26,7 @@ def test_separable_domains_score_high_and_noise_scores_at_chance() -> None:
     noise = grouping_diagnostics(rng.standard_normal((128, 32)), labels)
     assert noise["knn_accuracy"] < 0.5
     assert noise["policies"]["k=4"]["nmi"] < 0.4
+    assert good["policies"]["k=4"]["chance_nmi"] < 0.4 < good["policies"]["k=4"]["nmi"]
     assert noise["majority_share"] == 0.25
 
 

@@ -42,6 +42,15 @@ class BatchBank:
         return self.row_mask
 
 
+def lora_factors(a: torch.Tensor, b: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chameleon's (A [r, d_in], B [d_out, r], s) -> (A^T [d_in, r], s B^T [r, d_out]), as views/one product.
+
+    The orientation `add_multi_lora` stacks, and the one TGI's LoraWeights take (chameleon_tgi pads the
+    rank on top): one definition, so both plugins fold the scale the same way.
+    """
+    return a.t(), b.t() * scaling
+
+
 def add_multi_lora(
     output: torch.Tensor,
     x: torch.Tensor,

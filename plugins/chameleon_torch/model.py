@@ -33,7 +33,7 @@ from adapter_service.model_spec import embedding_sha256, fingerprint, linear_sha
 from adapter_service.statistics import MEAN_INPUT_EMBEDDING, mean_input_embedding
 from chameleon_torch.cache import AdapterCache
 from chameleon_torch.config import PluginConfig
-from chameleon_torch.layer import BatchBank, HookedModel
+from chameleon_torch.layer import BatchBank, HookedModel, lora_factors
 from chameleon_torch.metrics import PluginMetrics
 
 log = logging.getLogger("chameleon_torch")
@@ -276,7 +276,7 @@ class AdapterHandle:
         for name, delta in cluster.modules.items():
             a = codec.to_torch(delta.a, device=device, dtype=dtype)
             b = codec.to_torch(delta.b, device=device, dtype=dtype)
-            modules[name] = (a.t(), b.t() * scaling)
+            modules[name] = lora_factors(a, b, scaling)
         # One check per cluster: NaN and Inf survive a sum (and so does an overflow, equally unusable).
         total = torch.stack([a.sum() + b.sum() for a, b in modules.values()]).sum()
         if not torch.isfinite(total):

@@ -1,0 +1,99 @@
+"""Settings of the TGI plugin, read from the shard's environment (the launcher copies its env to shards)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from adapter_service.clustering import AutoK, ClusteringPolicy, FixedK
+
+
+@dataclass(frozen=True)
+class TGIPluginConfig:
+    sidecar: str = "127.0.0.1:50051"  # CHAMELEON_SIDECAR: host:port or unix:PATH of `chameleon serve`
+    deadline_s: float = 0.5  # CHAMELEON_DEADLINE_MS: per Adapt call; later answers mean base model
+    manifest_timeout_s: float = 5.0  # CHAMELEON_MANIFEST_TIMEOUT_MS: at shard start-up
+    policy: ClusteringPolicy = field(
+        default_factory=lambda: AutoK(max_k=8)
+    )  # CHAMELEON_POLICY auto:8 | fixed:3
+    # CHAMELEON_WIRE_DTYPE: None = the model's half type (bfloat16 for bf16 models, else float16).
+    wire_dtype: str | None = None
+    cache_bytes: int = 256 * 1024 * 1024  # CHAMELEON_CACHE_MB: adapters kept on the GPU for reuse
+    max_held_keys: int = 256  # CHAMELEON_MAX_HELD_KEYS: cached keys sent with each call
+    check_weights: bool = True  # CHAMELEON_CHECK_WEIGHTS: compare the embedding hash with the artifact's
+    metrics_port: int | None = None  # CHAMELEON_METRICS_PORT: serve the plugin's Prometheus metrics
+    allow_untested: bool = False  # CHAMELEON_TGI_ALLOW_UNTESTED: start on TGI sources other than 3.3.7
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> TGIPluginConfig:
+        """Parse CHAMELEON_* variables; ValueError naming the variable on a bad value."""
+        env = os.environ if env is None else env
+        kwargs: dict = {}
+        if "CHAMELEON_SIDECAR" in env:
+            kwargs["sidecar"] = env["CHAMELEON_SIDECAR"]
+        for var, key in (
+            ("CHAMELEON_DEADLINE_MS", "deadline_s"),
+            ("CHAMELEON_MANIFEST_TIMEOUT_MS", "manifest_timeout_s"),
+        ):
+            if var in env:
+                kwargs[key] = _positive(var, env[var], float) / 1000
+        if "CHAMELEON_POLICY" in env:
+            kwargs["policy"] = parse_policy(env["CHAMELEON_POLICY"])
+        if env.get("CHAMELEON_WIRE_DTYPE"):
+            value = env["CHAMELEON_WIRE_DTYPE"]
+            if value not in ("float32", "float16", "bfloat16"):
+                raise ValueError(
+                    f"CHAMELEON_WIRE_DTYPE: expected float32, float16 or bfloat16, got {value!r}"
+                )
+            kwargs["wire_dtype"] = value
+        if "CHAMELEON_CACHE_MB" in env:
+            kwargs["cache_bytes"] = int(
+                _positive("CHAMELEON_CACHE_MB", env["CHAMELEON_CACHE_MB"], float, zero=True) * 2**20
+            )
+        if "CHAMELEON_MAX_HELD_KEYS" in env:
+            kwargs["max_held_keys"] = _positive(
+                "CHAMELEON_MAX_HELD_KEYS", env["CHAMELEON_MAX_HELD_KEYS"], int, zero=True
+            )
+        if "CHAMELEON_CHECK_WEIGHTS" in env:
+            kwargs["check_weights"] = _flag("CHAMELEON_CHECK_WEIGHTS", env["CHAMELEON_CHECK_WEIGHTS"])
+        if env.get("CHAMELEON_METRICS_PORT"):
+            kwargs["metrics_port"] = _positive("CHAMELEON_METRICS_PORT", env["CHAMELEON_METRICS_PORT"], int)
+        if "CHAMELEON_TGI_ALLOW_UNTESTED" in env:
+            kwargs["allow_untested"] = _flag(
+                "CHAMELEON_TGI_ALLOW_UNTESTED", env["CHAMELEON_TGI_ALLOW_UNTESTED"]
+            )
+        return cls(**kwargs)
+
+
+def parse_policy(text: str) -> ClusteringPolicy:
+    """ "auto:8" -> AutoK(max_k=8); "fixed:3" -> FixedK(3)."""
+    kind, _, number = text.strip().partition(":")
+    try:
+        k = int(number)
+    except ValueError:
+        k = 0
+    if kind == "auto" and k >= 1:
+        return AutoK(max_k=k)
+    if kind == "fixed" and k >= 1:
+        return FixedK(k)
+    raise ValueError(f"CHAMELEON_POLICY: expected auto:MAX_K or fixed:K (K >= 1), got {text!r}")
+
+
+def _positive(var: str, text: str, kind: type, zero: bool = False):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = -1
+    if value < 0 or (value == 0 and not zero):
+        raise ValueError(f"{var}: expected a {'non-negative' if zero else 'positive'} number, got {text!r}")
+    return value
+
+
+def _flag(var: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes"}:
+        return True
+    if value in {"0", "false", "no", ""}:
+        return False
+    raise ValueError(f"{var}: expected 1 or 0, got {text!r}")

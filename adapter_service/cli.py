@@ -261,6 +261,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import json
     import shlex
     import time
 
@@ -286,7 +287,12 @@ def _eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     report = run_study(model, splits.train, splits.validation, splits.test, config, out)
     command = "chameleon " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    write_report(report, out, command, time.perf_counter() - started)
+    # A resumed study's wall time is the sum over its invocations (kept next to its runs).
+    ledger = out / "wall_seconds.json"
+    spent = json.loads(ledger.read_text()) if ledger.exists() else []
+    spent.append(time.perf_counter() - started)
+    ledger.write_text(json.dumps(spent) + "\n")
+    write_report(report, out, command, sum(spent), invocations=len(spent))
     print((out / "report.md").read_text())
     return 0
 

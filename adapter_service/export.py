@@ -32,7 +32,7 @@ from adapter_service.artifact import (
 from adapter_service.hypernetwork import GroupShape, HyperNetwork, HyperNetworkConfig
 from adapter_service.model_spec import find_targets, fingerprint, group_targets
 from adapter_service.runtime import create_session
-from adapter_service.statistics import MEAN_INPUT_EMBEDDING
+from adapter_service.statistics import decoder_layers, parse_statistic, statistic_layer
 
 log = logging.getLogger(__name__)
 PARITY_TOLERANCE = 1e-5
@@ -84,13 +84,19 @@ def plan_export(
     hidden: int = 64,
     init: str = "zero",
     max_delta_norm: float | None = None,
+    statistic: str = "embedding",
 ) -> ExportPlan:
-    """`max_delta_norm` c caps every emitted delta at ||s B A||_F <= c ||W||_F (needs real weights)."""
+    """`max_delta_norm` c caps every emitted delta at ||s B A||_F <= c ||W||_F (needs real weights).
+    `statistic`: `embedding` (mean input embedding) or `hidden:L` (mean hidden state after layer L; every
+    target must then sit after layer L, so one prefill can compute the statistic before it is needed)."""
     if rank < 1:
         raise ValueError(f"rank: expected a positive integer, got {rank}")
     if max_delta_norm is not None and not max_delta_norm > 0:
         raise ValueError(f"max_delta_norm: expected a positive number or None, got {max_delta_norm}")
-    groups = group_targets(find_targets(model, targets))
+    kind, params = parse_statistic(statistic)
+    found = find_targets(model, targets)
+    _check_targets_after_statistic(model, [m.name for m in found], kind, params)
+    groups = group_targets(found)
     fp = fingerprint(model)
     alpha = float(alpha if alpha is not None else 2 * rank)
     scaling = alpha / rank
@@ -117,11 +123,31 @@ def plan_export(
     )
     manifest_base = {
         "base_model": fp,
-        "statistic": StatisticSpec(kind=MEAN_INPUT_EMBEDDING, dim=fp.hidden_size, normalization="l2"),
+        "statistic": StatisticSpec(kind=kind, dim=fp.hidden_size, normalization="l2", params=params),
         "rank": rank,
         "scaling": scaling,
     }
     return ExportPlan(manifest_base, config, {name: [m.name for m in ms] for name, ms in groups.items()})
+
+
+def _check_targets_after_statistic(
+    model: torch.nn.Module, names: Sequence[str], kind: str, params: dict[str, str]
+) -> None:
+    layer = statistic_layer(StatisticSpec(kind=kind, dim=1, params=params))
+    if layer is None:
+        return
+    blocks = decoder_layers(model)
+    if layer > len(blocks):
+        raise ValueError(
+            f"statistic: layer {layer} does not exist; the model has {len(blocks)} decoder layers"
+        )
+    prefixes = {module: name for name, module in model.named_modules()}
+    early = [name for block in blocks[:layer] for name in names if name.startswith(prefixes[block] + ".")]
+    if early:
+        raise ValueError(
+            f"targets: {', '.join(early[:4])} sit in decoder layers 1..{layer}, before the statistic "
+            f"(hidden state after layer {layer}); adapt only later layers"
+        )
 
 
 def export_artifact(
@@ -222,10 +248,11 @@ def make_fresh_artifact(
     hidden: int = 64,
     init: str = "zero",
     seed: int = 0,
+    statistic: str = "embedding",
 ) -> Artifact:
     """An artifact from a freshly initialised (untrained) hyper-network for `model`."""
     module = load_model(model) if not isinstance(model, torch.nn.Module) else model
-    plan = plan_export(module, targets, rank, alpha=alpha, hidden=hidden, init=init)
+    plan = plan_export(module, targets, rank, alpha=alpha, hidden=hidden, init=init, statistic=statistic)
     torch.manual_seed(seed)
     network = HyperNetwork(plan.hypernetwork_config)
     return export_artifact(network, plan, out, facts={"trained": False, "seed": seed})

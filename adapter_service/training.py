@@ -30,7 +30,7 @@ from torch import nn
 
 from adapter_service.clustering import ClusteringPolicy, FixedK, cluster
 from adapter_service.hypernetwork import DeltaNormCaps, HyperNetworkConfig
-from adapter_service.statistics import mean_input_embedding
+from adapter_service.statistics import StatisticLike, compute_statistic, mean_input_embedding
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,14 @@ class BatchAdapters:
     rows: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> per-row (A, B)
 
 
-def batch_statistics(model: nn.Module, prompts: torch.Tensor) -> torch.Tensor:
-    """The serving statistic of each prompt (no padding here: prompts have a fixed length)."""
-    return mean_input_embedding(model.get_input_embeddings().weight, prompts)
+def batch_statistics(
+    model: nn.Module, prompts: torch.Tensor, statistic: StatisticLike | None = None
+) -> torch.Tensor:
+    """The serving statistic of each prompt through the shared function (no padding here: prompts have
+    a fixed length); `statistic` None = the mean input embedding."""
+    if statistic is None:
+        return mean_input_embedding(model.get_input_embeddings().weight, prompts)
+    return compute_statistic(model, statistic, prompts)
 
 
 def adapters_for_batch(
@@ -294,6 +299,7 @@ class TrainConfig:
     # "mixed": random batches, as in serving; "coherent": each batch drawn from one label, as in
     # the paper's cluster-coherent training (needs labels).
     batching: str = "mixed"
+    statistic: StatisticLike | None = None  # the artifact's StatisticSpec; None = mean input embedding
 
 
 @dataclass
@@ -342,6 +348,7 @@ def mean_nll(
     batch_size: int,
     seed: int = 0,
     prefix: PrefixCache | None = None,
+    statistic: StatisticLike | None = None,
 ) -> tuple[np.ndarray, int]:
     """Per-example summed NLL over serving-like batches (fixed order); network None = base model."""
     totals = []
@@ -351,7 +358,7 @@ def mean_nll(
             chunk = list(examples[start : start + batch_size])
             adapters = None
             if network is not None:
-                stats = batch_statistics(model, torch.tensor([e.prompt for e in chunk]))
+                stats = batch_statistics(model, torch.tensor([e.prompt for e in chunk]), statistic)
                 adapters = adapters_for_batch(network, group_modules, stats, policy, seed)
             nll, length = continuation_nll(model, applier, chunk, adapters, prefix)
             totals.append(nll.cpu().numpy())
@@ -392,7 +399,7 @@ def train(
         bar = tqdm(total=config.max_steps, desc="training", unit="step", disable=not progress)
         for step in range(1, config.max_steps + 1):
             chunk = next(stream)
-            stats = batch_statistics(model, torch.tensor([e.prompt for e in chunk]))
+            stats = batch_statistics(model, torch.tensor([e.prompt for e in chunk]), config.statistic)
             adapters = adapters_for_batch(
                 network, group_modules, stats, config.policy, seed=config.seed + step
             )
@@ -414,6 +421,7 @@ def train(
                     config.batch_size,
                     config.seed,
                     prefix,
+                    config.statistic,
                 )
                 val_nll = float(val.sum() / (len(val) * val_len))
                 history.append({"step": step, "train_nll": loss.item(), "validation_nll": val_nll})

@@ -246,3 +246,30 @@ def test_delta_norm_cap_trains_from_zero_and_needs_weights(tmp_path: Path) -> No
     meta = load_model(Path(__file__).parents[1] / "adapter_service" / "data" / "smollm2-135m-config.json")
     with pytest.raises(ValueError, match="max_delta_norm: the cap is relative to the base weights"):
         plan_export(meta, ["v_proj"], rank=2, max_delta_norm=0.05)
+
+
+def test_hidden_statistic_is_declared_and_targets_must_come_after_its_layer(tmp_path: Path) -> None:
+    from adapter_service.client import AdapterClient
+    from conftest import start_server
+
+    model = tiny_llama()
+    with pytest.raises(
+        ValueError, match=r"targets: model.layers.0.self_attn.v_proj sit in decoder layers 1..1"
+    ):
+        plan_export(model, ["v_proj"], rank=2, statistic="hidden:1")
+    with pytest.raises(ValueError, match="statistic: layer 3 does not exist; the model has 2 decoder layers"):
+        plan_export(model, ["lm_head"], rank=2, statistic="hidden:3")
+    artifact = make_fresh_artifact(model, ["model.layers.1.self_attn.v_proj"], 2, tmp_path / "a")
+    assert artifact.manifest.statistic.kind == "mean_input_embedding"
+    from adapter_service.export import export_artifact
+
+    plan = plan_export(model, ["model.layers.1.self_attn.v_proj"], rank=2, statistic="hidden:1")
+    written = export_artifact(HyperNetwork(plan.hypernetwork_config), plan, tmp_path / "h")
+    stat = load_artifact(written.path).manifest.statistic
+    assert (stat.kind, stat.params, stat.dim) == ("mean_hidden_state", {"layer": "1"}, 64)
+    server = start_server(written.path)
+    try:
+        served = AdapterClient(server.address, timeout=10).manifest().statistic
+    finally:
+        server.stop()
+    assert (served.kind, dict(served.params)) == ("mean_hidden_state", {"layer": "1"})

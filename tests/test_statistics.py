@@ -24,3 +24,61 @@ def test_padding_side_does_not_change_the_statistic() -> None:
 def test_rows_without_tokens_are_refused() -> None:
     with pytest.raises(ValueError, match="attention_mask: every row needs at least one prompt token"):
         mean_input_embedding(torch.randn(10, 4), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3))
+
+
+def test_hidden_state_statistic_is_the_mean_after_layer_l_and_ignores_padding() -> None:
+    from adapter_service.statistics import mean_hidden_state
+    from conftest import tiny_llama
+
+    model = tiny_llama(num_hidden_layers=3)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    width = 6
+    right = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
+    right_mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
+    left = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    left_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    for layer in (1, 2):  # transformers' last hidden_states entry is after the final norm: not compared
+        got_right = mean_hidden_state(model, layer, right, right_mask)
+        got_left = mean_hidden_state(model, layer, left, left_mask)
+        for row, prompt in enumerate(prompts):
+            with torch.no_grad():
+                states = model(input_ids=torch.tensor([prompt]), output_hidden_states=True).hidden_states
+            want = torch.nn.functional.normalize(states[layer][0].mean(0), dim=0)
+            torch.testing.assert_close(got_right[row], want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got_left[row], want, rtol=1e-4, atol=1e-5)
+    first, second = (
+        mean_hidden_state(model, 1, right, right_mask),
+        mean_hidden_state(model, 2, right, right_mask),
+    )
+    assert not torch.allclose(first, second)  # a different layer is a different statistic
+    with pytest.raises(ValueError, match=r"statistic.params.layer: expected 1..3, got 4"):
+        mean_hidden_state(model, 4, right, right_mask)
+
+
+def test_compute_statistic_dispatches_on_the_declared_kind() -> None:
+    from adapter_service.artifact import StatisticSpec
+    from adapter_service.statistics import (
+        compute_statistic,
+        mean_hidden_state,
+        parse_statistic,
+    )
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    embedding = StatisticSpec("mean_input_embedding", 64)
+    hidden = StatisticSpec("mean_hidden_state", 64, params={"layer": "1"})
+    assert torch.equal(
+        compute_statistic(model, embedding, ids),
+        mean_input_embedding(model.get_input_embeddings().weight, ids),
+    )
+    assert torch.equal(compute_statistic(model, hidden, ids), mean_hidden_state(model, 1, ids))
+    assert parse_statistic("hidden:8") == ("mean_hidden_state", {"layer": "8"})
+    assert parse_statistic("embedding") == ("mean_input_embedding", {})
+    for bad in ("hidden", "hidden:0", "hidden:x", "minilm"):
+        with pytest.raises(ValueError, match="statistic: expected 'embedding' or 'hidden:L'"):
+            parse_statistic(bad)
+    with pytest.raises(ValueError, match=r"statistic\.kind: 'sentence_encoder' is not computed here"):
+        compute_statistic(model, StatisticSpec("sentence_encoder", 64), ids)
+    with pytest.raises(ValueError, match=r"statistic\.params\.layer: expected a positive integer"):
+        compute_statistic(model, StatisticSpec("mean_hidden_state", 64, params={}), ids)

@@ -482,6 +482,24 @@ def test_artifact_for_another_model_is_refused(
         server.stop()
 
 
+def test_artifact_with_a_statistic_this_plugin_cannot_compute_is_refused(
+    tgi, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, llama_dir: Path
+) -> None:
+    """chameleon_tgi computes only the input-embedding statistic (from all_input_ids before prefill);
+    an artifact declaring the hidden-state statistic is refused at start, not served wrongly."""
+    from adapter_service.export import make_fresh_artifact
+
+    artifact = make_fresh_artifact(
+        llama_dir, ["model.layers.1.self_attn.v_proj"], 4, tmp_path / "hidden", statistic="hidden:1"
+    )
+    server = start_server(artifact.path)
+    try:
+        with pytest.raises(hooks.ManifestMismatch, match="statistic 'mean_hidden_state'"):
+            serve(llama_dir, monkeypatch, CHAMELEON_SIDECAR=server.address)
+    finally:
+        server.stop()
+
+
 # -- version and structure check -----------------------------------------------------------------------
 def test_version_check_refuses_a_standin_missing_a_name(tgi, monkeypatch: pytest.MonkeyPatch) -> None:
     autoload.remove_import_hook()

@@ -112,7 +112,7 @@ def test_statistic_is_the_plugins_function() -> None:
     import adapter_service.training as training
     import chameleon_torch.model as plugin
 
-    assert training.mean_input_embedding is plugin.mean_input_embedding
+    assert training.compute_statistic is plugin.compute_statistic  # one function, every kind
 
 
 def test_training_application_equals_the_plugin_with_the_exported_artifact(tmp_path: Path) -> None:
@@ -250,3 +250,71 @@ def test_prefix_cache_for_targets_is_none_where_nothing_can_be_cached() -> None:
     assert PrefixCache.for_targets(tiny_gpt2(), ["transformer.h.1.attn.c_attn"]) is None
     assert PrefixCache.for_targets(tiny_llama(), ["model.embed_tokens"]) is None
     assert PrefixCache.for_targets(tiny_llama(), ["model.layers.1.self_attn.v_proj"]).first_layer == 1
+
+
+def test_hidden_statistic_train_serve_parity(tmp_path: Path) -> None:
+    """The same parity with the hidden-state statistic: trainer and plugin compute it through one
+    function from the prompt, and the served logits equal the training hooks' logits."""
+    from chameleon_torch import PluginConfig, attach
+
+    model = tiny_llama()
+    targets = ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    plan = plan_export(model, targets, rank=4, init="random", hidden=32, statistic="hidden:1")
+    spec = plan.manifest_base["statistic"]
+    torch.manual_seed(6)
+    network = HyperNetwork(plan.hypernetwork_config).eval()
+    artifact = export_artifact(network, plan, tmp_path / "artifact")
+    data = synthetic(9, 5)
+    prompts = torch.tensor([e.prompt for e in data])
+    tokens = torch.tensor([e.prompt + e.continuation for e in data])
+    applier = DeltaApplier(model, targets, plan.manifest_base["scaling"])
+    with torch.no_grad():
+        stats = batch_statistics(model, prompts, spec)
+        assert not torch.allclose(stats, batch_statistics(model, prompts))  # not the embedding statistic
+        adapters = adapters_for_batch(network, plan.group_modules, stats, FixedK(3))
+        applier.rows = adapters.rows
+        trained = model(input_ids=tokens).logits
+        applier.rows = None
+    applier.remove()
+    server = start_server(artifact.path)
+    try:
+        handle = attach(
+            model,
+            AdapterClient(server.address, timeout=10),
+            PluginConfig(policy=FixedK(3), wire_dtype="float32", deadline_s=10),
+        )
+        with torch.no_grad(), handle.adapt(prompts) as batch:
+            served = model(input_ids=tokens).logits
+        handle.detach()
+    finally:
+        server.stop()
+    assert batch.adapted and np.array_equal(batch.assignments, adapters.assignments)
+    assert float((served - trained).abs().max() / trained.abs().max()) <= 1e-5
+
+
+def test_plugin_refuses_a_statistic_it_cannot_compute(tmp_path: Path) -> None:
+    import dataclasses
+
+    from adapter_service.artifact import StatisticSpec
+    from chameleon_torch import ManifestMismatch, check_model
+
+    model = tiny_llama()
+    artifact = export_artifact(*_fresh(model), tmp_path / "a")
+    server = start_server(artifact.path)
+    try:
+        manifest = AdapterClient(server.address, timeout=10).manifest()
+    finally:
+        server.stop()
+    check_model(model, manifest)  # the real one fits
+    for spec, message in (
+        (StatisticSpec("sentence_encoder", 64), "'sentence_encoder' is not computed here"),
+        (StatisticSpec("mean_hidden_state", 64, params={"layer": "5"}), "the model has 2"),
+        (StatisticSpec("mean_input_embedding", 64, normalization="none"), "expected 'l2'"),
+    ):
+        with pytest.raises(ManifestMismatch, match=message):
+            check_model(model, dataclasses.replace(manifest, statistic=spec))
+
+
+def _fresh(model):
+    plan = plan_export(model, ["v_proj"], rank=2, init="random", hidden=8)
+    return HyperNetwork(plan.hypernetwork_config).eval(), plan

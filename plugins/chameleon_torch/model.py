@@ -30,7 +30,7 @@ from adapter_service.client import (
     ServiceManifest,
 )
 from adapter_service.model_spec import embedding_sha256, fingerprint, linear_shape
-from adapter_service.statistics import MEAN_INPUT_EMBEDDING, mean_input_embedding
+from adapter_service.statistics import compute_statistic, decoder_layers, statistic_layer
 from chameleon_torch.cache import AdapterCache
 from chameleon_torch.config import PluginConfig
 from chameleon_torch.layer import BatchBank, HookedModel, lora_factors
@@ -68,10 +68,17 @@ def check_model(model: nn.Module, manifest: ServiceManifest, check_weights: bool
     """Raise ManifestMismatch listing every way the model differs from what the artifact expects."""
     problems = []
     stat = manifest.statistic
-    if stat.kind != MEAN_INPUT_EMBEDDING or stat.normalization != "l2":
+    try:
+        layer = statistic_layer(stat)
+        if stat.normalization != "l2":
+            raise ValueError(f"statistic.normalization: {stat.normalization!r}; expected 'l2'")
+        if layer is not None and layer > len(decoder_layers(model)):
+            raise ValueError(
+                f"statistic.params.layer: {layer}, but the model has {len(decoder_layers(model))}"
+            )
+    except ValueError as exc:
         problems.append(
-            f"statistic {stat.kind!r} ({stat.normalization}) cannot be computed by this plugin; "
-            f"expected {MEAN_INPUT_EMBEDDING!r} (l2)"
+            f"statistic {stat.kind!r} {dict(stat.params)} cannot be computed by this plugin: {exc}"
         )
     fp, want = fingerprint(model, hash_weights=False), manifest.base_model
     for field in ("architecture", "hidden_size", "vocab_size", "num_layers"):
@@ -202,11 +209,12 @@ class AdapterHandle:
     ) -> BatchBank:
         self._ensure_manifest()
         manifest = self.manifest
-        embedding = self.model.get_input_embeddings().weight
-        stats = mean_input_embedding(
-            embedding,
-            input_ids.to(embedding.device),
-            None if attention_mask is None else attention_mask.to(embedding.device),
+        device = self.model.get_input_embeddings().weight.device
+        stats = compute_statistic(  # the shared function, as the trainer computed it
+            self.model,
+            manifest.statistic,
+            input_ids.to(device),
+            None if attention_mask is None else attention_mask.to(device),
         )
         held = self.cache.keys(self.config.max_held_keys)
         called = time.perf_counter()

@@ -288,6 +288,7 @@ def _eval(args: argparse.Namespace) -> int:
         expert_batch_size=args.expert_batch_size,
         max_delta_norm=args.max_delta_norm,
         statistic=args.statistic,
+        batching=args.batching,
     )
     out = Path(args.out)
     report = run_study(model, splits.train, splits.validation, splits.test, config, out)
@@ -417,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="cap every delta at this multiple of its base weight's Frobenius norm (default: no cap)",
         )
         p.add_argument(
+            "--batching",
+            choices=("mixed", "coherent"),
+            default="mixed",
+            help="training batches: mixed and clustered as in serving, or one label each as in the paper",
+        )
+        p.add_argument(
             "--statistic",
             default="embedding",
             help="request statistic: 'embedding' (mean input embedding) or 'hidden:L' (mean hidden state "
@@ -427,7 +434,6 @@ def build_parser() -> argparse.ArgumentParser:
     train_p.add_argument("--kind", choices=("hyper", "static"), default="hyper")
     train_p.add_argument("--seed", type=int, default=0)
     train_p.add_argument("--max-k", type=int, default=8, help="auto-k bound of the training batches")
-    train_p.add_argument("--batching", choices=("mixed", "coherent"), default="mixed")
     train_p.set_defaults(func=_train)
     eval_p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     eval_p.add_argument("--no-experts", action="store_true", help="skip the per-domain expert LoRAs")

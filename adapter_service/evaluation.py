@@ -65,6 +65,8 @@ class StudyConfig:
     expert_batch_size: int = 8
     max_delta_norm: float | None = None  # cap on ||s B A||_F / ||W||_F for every method (None = off)
     statistic: str = "embedding"  # or "hidden:L" (statistics.parse_statistic)
+    # "mixed" (serving-like) or "coherent" (one label per batch, the paper's training); for every method
+    batching: str = "mixed"
 
 
 def batch_latency(
@@ -181,6 +183,7 @@ def run_study(
             patience=config.patience,
             seed=seed,
             statistic=spec,
+            batching=config.batching,
         )
         started = time.perf_counter()
         result = train(

@@ -87,3 +87,30 @@ def test_study_directory_refuses_another_configuration_but_takes_more_seeds(tmp_
         run_study(model, *data, dataclasses.replace(config, lr=5e-3), out, progress=False)
     with pytest.raises(ValueError, match=r"different data"):
         run_study(model, data[0], data[1], synthetic(12, 4), config, out, progress=False)
+
+
+def test_study_trains_on_label_coherent_batches_when_asked(tmp_path: Path, monkeypatch) -> None:
+    import adapter_service.evaluation as evaluation
+
+    seen = []
+    real_train = evaluation.train
+    monkeypatch.setattr(
+        evaluation, "train", lambda *a, **k: seen.append(a[6].batching) or real_train(*a, **k)
+    )
+    config = StudyConfig(
+        targets=["v_proj"],
+        rank=2,
+        hidden=8,
+        seeds=[0],
+        batch_size=6,
+        max_steps=2,
+        eval_every=2,
+        eval_ks=(1,),
+        experts=False,
+        batching="coherent",
+    )
+    report = run_study(
+        tiny_llama(), synthetic(36, 1), synthetic(12, 2), synthetic(12, 3), config, tmp_path / "s"
+    )
+    assert seen and set(seen) == {"coherent"}
+    assert "Chameleon, auto k" in report["methods"]

@@ -32,6 +32,11 @@ def _limit_blas_threads(threads: int | None) -> None:
             os.environ.setdefault(var, "1")
 
 
+def _targets(text: str) -> list[str]:
+    """`--targets a,b , c` -> ["a", "b", "c"]."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def _serve(args: argparse.Namespace) -> int:
     _limit_blas_threads(args.blas_threads)
     from adapter_service import logs
@@ -67,7 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from adapter_service.export import make_fresh_artifact
 
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    targets = _targets(args.targets)
     try:
         artifact = make_fresh_artifact(
             args.model,
@@ -198,7 +203,7 @@ def _train(args: argparse.Namespace) -> int:
     from adapter_service.training import PrefixCache, StaticLoRA, TrainConfig, train
 
     model, splits = _study_inputs(args)
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    targets = _targets(args.targets)
     plan = plan_export(
         model,
         targets,
@@ -275,7 +280,7 @@ def _eval(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model, splits = _study_inputs(args)
     config = StudyConfig(
-        targets=[t.strip() for t in args.targets.split(",") if t.strip()],
+        targets=_targets(args.targets),
         rank=args.rank,
         hidden=args.hidden,
         seeds=args.seeds,

@@ -29,7 +29,7 @@ from adapter_service.artifact import (
     TargetGroup,
     write_artifact,
 )
-from adapter_service.hypernetwork import GroupShape, HyperNetwork, HyperNetworkConfig
+from adapter_service.hypernetwork import AdapterGenerator, GroupShape, HyperNetwork, HyperNetworkConfig
 from adapter_service.model_spec import find_targets, fingerprint, group_targets
 from adapter_service.runtime import create_session
 from adapter_service.statistics import decoder_layers, parse_statistic, statistic_layer
@@ -151,7 +151,7 @@ def _check_targets_after_statistic(
 
 
 def export_artifact(
-    network: HyperNetwork, plan: ExportPlan, out: str | os.PathLike[str], facts: dict | None = None
+    network: AdapterGenerator, plan: ExportPlan, out: str | os.PathLike[str], facts: dict | None = None
 ) -> Artifact:
     """Export `network` to ONNX, check onnxruntime against torch, and write the artifact."""
     network = network.eval()
@@ -184,7 +184,7 @@ def export_artifact(
     return write_artifact(out, manifest, onnx_bytes)
 
 
-def to_onnx(network: HyperNetwork) -> bytes:
+def to_onnx(network: AdapterGenerator) -> bytes:
     """ONNX with a dynamic cluster axis K, as one self-contained file."""
     example = torch.nn.functional.normalize(torch.randn(3, network.config.stat_dim), dim=-1)
     k = torch.export.Dim("K", min=1, max=4096)
@@ -218,7 +218,7 @@ def _strip_source_locations(onnx_bytes: bytes) -> bytes:
     return model.SerializeToString()
 
 
-def parity_error(network: HyperNetwork, onnx_bytes: bytes, ks: Sequence[int] = (1, 5)) -> float:
+def parity_error(network: AdapterGenerator, onnx_bytes: bytes, ks: Sequence[int] = (1, 5)) -> float:
     """Largest normwise relative error between torch and onnxruntime over a few K."""
     session = create_session(onnx_bytes, providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(0)

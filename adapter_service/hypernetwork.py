@@ -78,14 +78,29 @@ class DeltaNormCaps(nn.Module):
         return cap_delta_norm(a, b, getattr(self, f"limits_{i}")) if self.enabled[i] else b
 
 
-class HyperNetwork(nn.Module):
-    """centroids [K, D] -> (A_g [K, L_g, r, d_in], B_g [K, L_g, d_out, r]) for each group g."""
+class AdapterGenerator(nn.Module):
+    """What export and training rely on: centroids [K, D] in, one (A, B) pair per target group out,
+    named as the artifact's ONNX outputs. The hyper-network and the static-LoRA baseline share it."""
 
     def __init__(self, config: HyperNetworkConfig) -> None:
         super().__init__()
+        self.config = config
+
+    @property
+    def output_names(self) -> list[str]:
+        return [name for g in self.config.groups for name in (f"A:{g.name}", f"B:{g.name}")]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class HyperNetwork(AdapterGenerator):
+    """centroids [K, D] -> (A_g [K, L_g, r, d_in], B_g [K, L_g, d_out, r]) for each group g."""
+
+    def __init__(self, config: HyperNetworkConfig) -> None:
+        super().__init__(config)
         if config.init not in ("zero", "random"):
             raise ValueError(f"init: got {config.init!r}, expected 'zero' or 'random'")
-        self.config = config
         h, r = config.hidden, config.rank
         self.trunk = nn.Sequential(nn.Linear(config.stat_dim, h), nn.GELU(), nn.Linear(h, h), nn.GELU())
         self.layer_embeddings = nn.ParameterList(
@@ -105,10 +120,6 @@ class HyperNetwork(nn.Module):
                 nn.init.normal_(head_b.bias, std=0.02)
         self.caps = DeltaNormCaps(config.groups)
 
-    @property
-    def output_names(self) -> list[str]:
-        return [name for g in self.config.groups for name in (f"A:{g.name}", f"B:{g.name}")]
-
     def forward(self, centroids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         k = centroids.shape[0]
         r = self.config.rank
@@ -122,6 +133,3 @@ class HyperNetwork(nn.Module):
             b = head_b(u).reshape(k, group.num_modules, group.d_out, r)
             outputs += [a, self.caps.apply(i, a, b)]
         return tuple(outputs)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())

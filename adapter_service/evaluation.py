@@ -22,12 +22,13 @@ import torch
 from adapter_service.clustering import AutoK, ClusteringPolicy, FixedK
 from adapter_service.diagnostics import grouping_diagnostics
 from adapter_service.export import plan_export
-from adapter_service.hypernetwork import HyperNetwork, HyperNetworkConfig
+from adapter_service.hypernetwork import HyperNetworkConfig, build_network
 from adapter_service.training import (
     DeltaApplier,
     Example,
     PrefixCache,
     StaticLoRA,
+    StatisticCache,
     TrainConfig,
     adapters_for_batch,
     batch_statistics,
@@ -67,6 +68,10 @@ class StudyConfig:
     statistic: str = "embedding"  # or "hidden:L" (statistics.parse_statistic)
     # "mixed" (serving-like) or "coherent" (one label per batch, the paper's training); for every method
     batching: str = "mixed"
+    # The generator (hypernetwork.KINDS). "mixture": `bases` LoRAs of rank `rank` each, so it emits rank
+    # rank * bases and has the parameters of the static LoRA of that rank (and of the experts together).
+    network: str = "full"
+    bases: int = 1
 
 
 def batch_latency(
@@ -137,24 +142,30 @@ def run_study(
     runs = out / "runs"
     runs.mkdir(exist_ok=True)
     _claim(out, config, train_examples, validation_examples, test_examples)
+    emitted_rank = config.rank * config.bases if config.network == "mixture" else config.rank
     plan = plan_export(
         model,
         config.targets,
-        config.rank,
+        emitted_rank,
         hidden=config.hidden,
         max_delta_norm=config.max_delta_norm,
         statistic=config.statistic,
+        kind=config.network,
+        bases=config.bases,
     )
     spec = plan.manifest_base["statistic"]
+    statistics = StatisticCache(model, spec)
     names = [n for ms in plan.group_modules.values() for n in ms]
     scaling = plan.manifest_base["scaling"]
     prefix = PrefixCache.for_targets(model, names)
     if prefix is not None:
         prefix.add([*train_examples, *validation_examples, *test_examples], config.batch_size, progress)
-    hyper_params = HyperNetwork(plan.hypernetwork_config).num_parameters()
+    hyper_params = build_network(plan.hypernetwork_config).num_parameters()
     big_rank = static_rank_for(hyper_params, plan.hypernetwork_config)
 
-    def score(network, policy: ClusteringPolicy, examples: Sequence[Example] = test_examples) -> np.ndarray:
+    def score(
+        network, policy: ClusteringPolicy, examples: Sequence[Example] = test_examples, shuffle: bool = False
+    ) -> np.ndarray:
         applier = DeltaApplier(model, names, scaling)
         try:
             sums, length = mean_nll(
@@ -168,6 +179,8 @@ def run_study(
                 0,
                 prefix,
                 spec,
+                statistics,
+                shuffle,
             )
         finally:
             applier.remove()
@@ -187,7 +200,16 @@ def run_study(
         )
         started = time.perf_counter()
         result = train(
-            model, network, plan.group_modules, scaling, examples, validation, tc, progress, prefix
+            model,
+            network,
+            plan.group_modules,
+            scaling,
+            examples,
+            validation,
+            tc,
+            progress,
+            prefix,
+            statistics,
         )
         return {
             "best_step": result.best_step,
@@ -206,8 +228,13 @@ def run_study(
 
     base = cached("base", 0, lambda: {"per_doc": score(None, FixedK(1)).tolist()})
     records: dict[str, list[dict]] = {"base": [base]}
-    rank_config = plan.hypernetwork_config
-    big_config = HyperNetworkConfig(**{**asdict(rank_config), "groups": rank_config.groups, "rank": big_rank})
+    rank_config = plan.hypernetwork_config  # the emitted rank
+
+    def with_rank(rank: int) -> HyperNetworkConfig:
+        return HyperNetworkConfig(**{**asdict(rank_config), "groups": rank_config.groups, "rank": rank})
+
+    big_config = with_rank(big_rank)
+    basis_config = with_rank(config.rank)  # experts (and a mixture's bases) have the study's rank
     labels = sorted({e.label for e in train_examples if e.label is not None})
     for seed in config.seeds:
 
@@ -222,18 +249,24 @@ def run_study(
             }
 
         records.setdefault("static LoRA (same rank)", []).append(cached("static", seed, static_run))
-        if big_rank != config.rank:
+        if emitted_rank != config.rank:  # a mixture: also the static LoRA of one basis's rank
+            one = cached("static-basis", seed, lambda seed=seed: static_run(basis_config, seed))
+            records.setdefault(f"static LoRA (rank {config.rank}, one basis)", []).append(one)
+        if big_rank != emitted_rank:
             big = cached("static-big", seed, lambda seed=seed: static_run(big_config, seed))
             records.setdefault(f"static LoRA (rank {big_rank}, ~hyper params)", []).append(big)
 
         def hyper_run(seed=seed) -> dict:
             torch.manual_seed(seed)
-            network = HyperNetwork(rank_config)
+            network = build_network(rank_config)
             facts = fit(network, train_examples, validation_examples, seed, config.train_policy)
             scores = {"auto k": score(network, AutoK(max_k=8)).tolist()}
             for k in config.eval_ks:
                 scores[f"k={k}"] = score(network, FixedK(k)).tolist()
-            scores["per request"] = score(network, FixedK(config.batch_size)).tolist()
+            per_request = FixedK(config.batch_size)
+            scores["per request"] = score(network, per_request).tolist()
+            # Control: each request served with another request's statistic.
+            scores["per request, shuffled statistic"] = score(network, per_request, shuffle=True).tolist()
             latency = batch_latency(
                 model,
                 network,
@@ -261,7 +294,7 @@ def run_study(
                         train_examples,
                         validation_examples,
                         test_examples,
-                        rank_config,
+                        basis_config,
                         seed,
                         lambda *a: fit(*a, batch_size=config.expert_batch_size),
                         score,
@@ -366,6 +399,7 @@ def summarise(
             delta, dlo, dhi = bootstrap_ci(per_doc - ref)
             entry["vs_static_same_rank"] = {"delta": delta, "ci95": [dlo, dhi]}
         methods[name] = entry
+    headroom = _headroom(records, methods)
     return {
         "test_documents": n_test,
         "targets": config.targets,
@@ -376,4 +410,25 @@ def summarise(
         "max_steps": config.max_steps,
         "batch_size": config.batch_size,
         "methods": methods,
+        **({"headroom": headroom} if headroom else {}),
     }
+
+
+def _headroom(records: dict[str, list[dict]], methods: dict[str, dict]) -> dict | None:
+    """How much the oracle experts beat the best static LoRA, and each method's paired difference to
+    that best static LoRA (the bar a dynamic method must clear) and share of the experts' gain."""
+    statics = [name for name in methods if name.startswith("static LoRA")]
+    if not statics:
+        return None
+    best = min(statics, key=lambda name: methods[name]["mean_nll"])
+    best_doc = np.mean([r["per_doc"] for r in records[best]], axis=0)
+    for name, entry in methods.items():
+        per_doc = np.mean([r["per_doc"] for r in records[name]], axis=0)
+        delta, lo, hi = bootstrap_ci(per_doc - best_doc)
+        entry["vs_best_static"] = {"delta": delta, "ci95": [lo, hi]}
+    experts = methods.get("per-domain experts")
+    gain = methods[best]["mean_nll"] - experts["mean_nll"] if experts else None
+    if gain is not None and gain > 0:
+        for entry in methods.values():
+            entry["share_of_expert_headroom"] = -entry["vs_best_static"]["delta"] / gain
+    return {"best_static": best, "experts_gain_over_best_static": gain}

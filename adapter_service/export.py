@@ -29,7 +29,13 @@ from adapter_service.artifact import (
     TargetGroup,
     write_artifact,
 )
-from adapter_service.hypernetwork import AdapterGenerator, GroupShape, HyperNetwork, HyperNetworkConfig
+from adapter_service.hypernetwork import (
+    AdapterGenerator,
+    GroupShape,
+    HyperNetworkConfig,
+    build_network,
+    check_kind,
+)
 from adapter_service.model_spec import find_targets, fingerprint, group_targets
 from adapter_service.runtime import create_session
 from adapter_service.statistics import decoder_layers, parse_statistic, statistic_layer
@@ -85,17 +91,20 @@ def plan_export(
     init: str = "zero",
     max_delta_norm: float | None = None,
     statistic: str = "embedding",
+    kind: str = "full",
+    bases: int = 1,
 ) -> ExportPlan:
     """`max_delta_norm` c caps every emitted delta at ||s B A||_F <= c ||W||_F (needs real weights).
     `statistic`: `embedding` (mean input embedding) or `hidden:L` (mean hidden state after layer L; every
-    target must then sit after layer L, so one prefill can compute the statistic before it is needed)."""
+    target must then sit after layer L, so one prefill can compute the statistic before it is needed).
+    `kind`/`bases`: the generator (hypernetwork.build_network); `rank` is the emitted rank."""
     if rank < 1:
         raise ValueError(f"rank: expected a positive integer, got {rank}")
     if max_delta_norm is not None and not max_delta_norm > 0:
         raise ValueError(f"max_delta_norm: expected a positive number or None, got {max_delta_norm}")
-    kind, params = parse_statistic(statistic)
+    stat_kind, params = parse_statistic(statistic)
     found = find_targets(model, targets)
-    _check_targets_after_statistic(model, [m.name for m in found], kind, params)
+    _check_targets_after_statistic(model, [m.name for m in found], stat_kind, params)
     groups = group_targets(found)
     fp = fingerprint(model)
     alpha = float(alpha if alpha is not None else 2 * rank)
@@ -120,10 +129,13 @@ def plan_export(
         hidden=hidden,
         init=init,
         max_delta_norm=max_delta_norm,
+        kind=kind,
+        bases=bases,
     )
+    check_kind(config)
     manifest_base = {
         "base_model": fp,
-        "statistic": StatisticSpec(kind=kind, dim=fp.hidden_size, normalization="l2", params=params),
+        "statistic": StatisticSpec(kind=stat_kind, dim=fp.hidden_size, normalization="l2", params=params),
         "rank": rank,
         "scaling": scaling,
     }
@@ -254,7 +266,7 @@ def make_fresh_artifact(
     module = load_model(model) if not isinstance(model, torch.nn.Module) else model
     plan = plan_export(module, targets, rank, alpha=alpha, hidden=hidden, init=init, statistic=statistic)
     torch.manual_seed(seed)
-    network = HyperNetwork(plan.hypernetwork_config)
+    network = build_network(plan.hypernetwork_config)
     return export_artifact(network, plan, out, facts={"trained": False, "seed": seed})
 
 

@@ -7,6 +7,17 @@ on a learned per-layer embedding. Parameters grow with the number of module *typ
 B's head starts at zero, so a fresh network emits zero deltas and training starts at the base
 model, as LoRA does; `init="random"` gives non-zero B for tests and demos of the plumbing.
 
+Two kinds (`HyperNetworkConfig.kind`):
+
+* ``full`` (`HyperNetwork`): the paper's design, every number of A and B generated from the centroid.
+  Measured on real data, it learns to ignore its input (docs/results.md).
+* ``mixture`` (`MixtureHyperNetwork`): far fewer generated numbers. `bases` learned LoRAs (each of rank
+  rank / bases) and one soft weight per basis, from the centroid's distances to learned prototypes.
+  Prototypes start at k-means centroids of the training statistics, standardised with the training
+  mean and spread (raw statistics point in nearly one direction), so the network starts out routing
+  unlike prompts to unlike bases. The emitted adapter is the concatenation of the weighted bases, an
+  ordinary rank-`rank` LoRA: service, codec and plugins need nothing new.
+
 An optional cap bounds every emitted delta, ||s B A||_F <= c ||W||_F per cluster and module, inside
 the network (so the exported graph enforces it too): a centroid unlike anything seen in training
 cannot produce an arbitrarily large change to the model.
@@ -38,6 +49,8 @@ class HyperNetworkConfig:
     hidden: int = 64
     init: str = "zero"  # "zero": B = 0 (training starts at the base model); "random": small B
     max_delta_norm: float | None = None  # c of the cap, relative to ||W||_F (recorded; limits in groups)
+    kind: str = "full"  # "full" (HyperNetwork) or "mixture" (MixtureHyperNetwork)
+    bases: int = 1  # mixture: number of learned LoRA bases; rank must be a multiple of it
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -94,6 +107,29 @@ class AdapterGenerator(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+KINDS = ("full", "mixture")
+
+
+def check_kind(config: HyperNetworkConfig) -> None:
+    """Refuse an unknown kind, or mixture bases that do not divide the rank, before building anything."""
+    if config.kind not in KINDS:
+        raise ValueError(f"kind: got {config.kind!r}, expected one of {', '.join(KINDS)}")
+    m = config.bases
+    if (
+        isinstance(m, bool)
+        or not isinstance(m, int)
+        or m < 1
+        or (config.kind == "mixture" and config.rank % m)
+    ):
+        raise ValueError(f"bases: expected a positive divisor of rank {config.rank}, got {m!r}")
+
+
+def build_network(config: HyperNetworkConfig) -> AdapterGenerator:
+    """The generator named by `config.kind`."""
+    check_kind(config)
+    return (HyperNetwork if config.kind == "full" else MixtureHyperNetwork)(config)
+
+
 class HyperNetwork(AdapterGenerator):
     """centroids [K, D] -> (A_g [K, L_g, r, d_in], B_g [K, L_g, d_out, r]) for each group g."""
 
@@ -132,4 +168,77 @@ class HyperNetwork(AdapterGenerator):
             a = head_a(u).reshape(k, group.num_modules, r, group.d_in)
             b = head_b(u).reshape(k, group.num_modules, group.d_out, r)
             outputs += [a, self.caps.apply(i, a, b)]
+        return tuple(outputs)
+
+
+class MixtureHyperNetwork(AdapterGenerator):
+    """centroids [K, D] -> a soft mixture of `bases` learned LoRAs, emitted as one rank-`rank` LoRA.
+
+    weights = bases * softmax(-||x - p_m||^2 / t), with x the standardised centroid, p_m learned
+    prototypes and t a learned temperature; A = [A_1; ...; A_M], B = [w_1 B_1, ..., w_M B_M]. Uniform
+    weights make it a static LoRA of rank `rank`, so it can only gain by routing. Call
+    `fit_statistics` with the training statistics before training; the fitted mean, spread and
+    prototypes live in the state dict and in the exported graph.
+    """
+
+    def __init__(self, config: HyperNetworkConfig) -> None:
+        super().__init__(config)
+        check_kind(config)
+        m = config.bases
+        if config.init not in ("zero", "random"):
+            raise ValueError(f"init: got {config.init!r}, expected 'zero' or 'random'")
+        r = config.rank // m
+        d = config.stat_dim
+        self.register_buffer("stat_mean", torch.zeros(d))
+        self.register_buffer("stat_scale", torch.ones(d))
+        self.prototypes = nn.Parameter(torch.randn(m, d))
+        self.log_temperature = nn.Parameter(torch.tensor(float(d) ** 0.5).log())
+        self.a = nn.ParameterList(
+            [nn.Parameter(torch.randn(g.num_modules, m, r, g.d_in) / g.d_in**0.5) for g in config.groups]
+        )
+        b_std = 0.0 if config.init == "zero" else 0.02
+        self.b = nn.ParameterList(
+            [nn.Parameter(torch.randn(g.num_modules, g.d_out, m, r) * b_std) for g in config.groups]
+        )
+        self.caps = DeltaNormCaps(config.groups)
+
+    @torch.no_grad()
+    def fit_statistics(self, stats: torch.Tensor, seed: int = 0) -> None:
+        """Standardise with the training statistics; prototypes start at their k-means centroids and the
+        temperature at the mean squared distance to the nearest prototype (soft but not uniform)."""
+        from adapter_service.clustering import FixedK, cluster
+
+        stats = stats.detach().float().cpu()
+        if stats.ndim != 2 or stats.shape[1] != self.config.stat_dim:
+            raise ValueError(f"stats: expected [N, {self.config.stat_dim}], got {list(stats.shape)}")
+        if stats.shape[0] < self.config.bases:
+            raise ValueError(f"stats: need at least bases={self.config.bases} rows, got {stats.shape[0]}")
+        self.stat_mean.copy_(stats.mean(0))
+        self.stat_scale.copy_(stats.std(0).clamp_min(1e-6))
+        x = (stats - self.stat_mean) / self.stat_scale
+        # The service's k-means (cosine) on the standardised statistics; prototypes are member means.
+        groups = torch.from_numpy(cluster(x.numpy(), FixedK(self.config.bases), seed=seed).assignments)
+        prototypes = torch.stack([x[groups == j].mean(0) for j in torch.unique(groups)])
+        if prototypes.shape[0] < self.config.bases:  # fewer distinct statistics than bases
+            extra = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))]
+            prototypes = torch.cat([prototypes, extra[: self.config.bases - prototypes.shape[0]]])
+        self.prototypes.copy_(prototypes)
+        nearest = torch.cdist(x, prototypes).min(dim=1).values.pow(2).mean()
+        self.log_temperature.copy_(nearest.clamp_min(1e-6).log())
+
+    def weights(self, centroids: torch.Tensor) -> torch.Tensor:
+        """[K, bases] basis weights (summing to `bases`)."""
+        x = (centroids - self.stat_mean) / self.stat_scale
+        distance = (x[:, None, :] - self.prototypes[None, :, :]).pow(2).sum(-1)
+        return self.config.bases * torch.softmax(-distance / self.log_temperature.exp(), dim=-1)
+
+    def forward(self, centroids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        k = centroids.shape[0]
+        w = self.weights(centroids)  # [K, M]
+        outputs: list[torch.Tensor] = []
+        for i, (group, a, b) in enumerate(zip(self.config.groups, self.a, self.b, strict=True)):
+            layers, m, r, d_in = a.shape
+            a_out = a.reshape(layers, m * r, d_in).unsqueeze(0).expand(k, layers, m * r, d_in)
+            b_out = (b.unsqueeze(0) * w[:, None, None, :, None]).reshape(k, layers, group.d_out, m * r)
+            outputs += [a_out, self.caps.apply(i, a_out, b_out)]
         return tuple(outputs)

@@ -62,6 +62,8 @@ class StaticLoRA(AdapterGenerator):
     """One learned (A, B) per target module, emitted for every centroid: the static-LoRA baseline
     with the hyper-network's interface, so it trains, exports and serves the same way."""
 
+    uses_statistic = False
+
     def __init__(self, config: HyperNetworkConfig) -> None:
         super().__init__(config)
         r = config.rank
@@ -123,6 +125,29 @@ def batch_statistics(
     """The serving statistic of each prompt through the shared function (no padding here: prompts have
     a fixed length); `statistic` None = the mean input embedding."""
     return compute_statistic(model, statistic, prompts)
+
+
+class StatisticCache:
+    """Each prompt's statistic computed once per study: a hidden-state statistic costs a partial
+    forward, and prompts recur every epoch and in every method. Networks that ignore their input (a
+    static LoRA) get a constant row instead, so their baselines pay nothing for the statistic."""
+
+    def __init__(self, model: nn.Module, statistic: StatisticLike | None, chunk: int = 64) -> None:
+        self.model = model
+        self.statistic = statistic
+        self.chunk = chunk
+        self._rows: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def __call__(self, prompts: Sequence[tuple[int, ...]], network: nn.Module | None = None) -> torch.Tensor:
+        if network is not None and not getattr(network, "uses_statistic", True):
+            return torch.ones(len(prompts), network.config.stat_dim)
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._rows))
+        with torch.no_grad():
+            for start in range(0, len(missing), self.chunk):
+                part = missing[start : start + self.chunk]
+                stats = batch_statistics(self.model, torch.tensor(part), self.statistic).float()
+                self._rows.update(zip(part, stats, strict=True))
+        return torch.stack([self._rows[p] for p in prompts])
 
 
 def adapters_for_batch(
@@ -339,16 +364,25 @@ def mean_nll(
     seed: int = 0,
     prefix: PrefixCache | None = None,
     statistic: StatisticLike | None = None,
+    statistics: StatisticCache | None = None,
+    shuffle: bool = False,
 ) -> tuple[np.ndarray, int]:
-    """Per-example summed NLL over serving-like batches (fixed order); network None = base model."""
+    """Per-example summed NLL over serving-like batches (fixed order); network None = base model.
+
+    `shuffle` permutes the statistics within each batch (a control: if conditioning matters, giving
+    each request another request's statistic must hurt)."""
     totals = []
     length = 0
+    statistics = statistics or StatisticCache(model, statistic)
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             chunk = list(examples[start : start + batch_size])
             adapters = None
             if network is not None:
-                stats = batch_statistics(model, torch.tensor([e.prompt for e in chunk]), statistic)
+                stats = statistics([e.prompt for e in chunk], network)
+                if shuffle:
+                    order = torch.randperm(len(chunk), generator=torch.Generator().manual_seed(seed + start))
+                    stats = stats[order]
                 adapters = adapters_for_batch(network, group_modules, stats, policy, seed)
             nll, length = continuation_nll(model, applier, chunk, adapters, prefix)
             totals.append(nll.cpu().numpy())
@@ -365,10 +399,12 @@ def train(
     config: TrainConfig,
     progress: bool = True,
     prefix: PrefixCache | None = None,
+    statistics: StatisticCache | None = None,
 ) -> TrainResult:
     """Train `network` (the model stays frozen); keeps the best validation state in `network`.
 
     With `prefix`, only the layers from the first adapted one on run (states before it are cached).
+    A network with `fit_statistics` (the mixture) is first fitted to the training statistics.
     """
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -376,6 +412,9 @@ def train(
     names = [n for members in group_modules.values() for n in members]
     if prefix is not None:
         prefix.add([*train_examples, *validation_examples], config.batch_size, progress)
+    statistics = statistics or StatisticCache(model, config.statistic)
+    if hasattr(network, "fit_statistics"):
+        network.fit_statistics(statistics([e.prompt for e in train_examples]), seed=config.seed)
     applier = DeltaApplier(model, names, scaling)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     stream = batches(train_examples, config.batch_size, config.batching, rng)
@@ -389,7 +428,7 @@ def train(
         bar = tqdm(total=config.max_steps, desc="training", unit="step", disable=not progress)
         for step in range(1, config.max_steps + 1):
             chunk = next(stream)
-            stats = batch_statistics(model, torch.tensor([e.prompt for e in chunk]), config.statistic)
+            stats = statistics([e.prompt for e in chunk], network)
             adapters = adapters_for_batch(
                 network, group_modules, stats, config.policy, seed=config.seed + step
             )
@@ -412,6 +451,7 @@ def train(
                     config.seed,
                     prefix,
                     config.statistic,
+                    statistics,
                 )
                 val_nll = float(val.sum() / (len(val) * val_len))
                 history.append({"step": step, "train_nll": loss.item(), "validation_nll": val_nll})

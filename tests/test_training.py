@@ -12,7 +12,7 @@ import torch
 from adapter_service.client import AdapterClient
 from adapter_service.clustering import FixedK
 from adapter_service.export import export_artifact, plan_export
-from adapter_service.hypernetwork import HyperNetwork
+from adapter_service.hypernetwork import HyperNetwork, build_network
 from adapter_service.training import (
     DeltaApplier,
     Example,
@@ -67,11 +67,14 @@ def test_adapters_start_at_zero_so_training_starts_at_the_base_model() -> None:
     assert np.array_equal(with_static, base)
 
 
-@pytest.mark.parametrize("kind", ["hyper", "static"])
+@pytest.mark.parametrize("kind", ["hyper", "static", "mixture"])
 def test_training_lowers_the_validation_loss(kind: str) -> None:
     model, plan, network = setup("zero")
     if kind == "static":
         network = StaticLoRA(plan.hypernetwork_config)
+    if kind == "mixture":
+        plan = plan_export(model, ["q_proj", "v_proj"], rank=4, hidden=32, kind="mixture", bases=2)
+        network = build_network(plan.hypernetwork_config)
     train_data, val_data = synthetic(60, 1), synthetic(18, 2)
     config = TrainConfig(policy=FixedK(3), batch_size=12, lr=1e-2, max_steps=40, eval_every=10, patience=10)
     applier = DeltaApplier(
@@ -116,14 +119,15 @@ def test_statistic_is_the_plugins_function() -> None:
 
 
 @pytest.mark.parametrize(
-    ("statistic", "targets", "seed"),
+    ("statistic", "targets", "seed", "kind"),
     [
-        ("embedding", ["q_proj", "v_proj"], 4),
-        ("hidden:1", ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"], 6),
+        ("embedding", ["q_proj", "v_proj"], 4, "full"),
+        ("hidden:1", ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"], 6, "full"),
+        ("embedding", ["q_proj", "v_proj"], 4, "mixture"),
     ],
 )
 def test_training_application_equals_the_plugin_with_the_exported_artifact(
-    statistic: str, targets: list[str], seed: int, tmp_path: Path
+    statistic: str, targets: list[str], seed: int, kind: str, tmp_path: Path
 ) -> None:
     """Train/serve parity, for every statistic kind: the differentiable training hooks and the served
     path (ONNX in the sidecar, k-means in the sidecar, chameleon_torch's stacked hooks, the statistic
@@ -131,10 +135,14 @@ def test_training_application_equals_the_plugin_with_the_exported_artifact(
     from chameleon_torch import PluginConfig, attach
 
     model = tiny_llama()
-    plan = plan_export(model, targets, rank=4, init="random", hidden=32, statistic=statistic)
+    plan = plan_export(
+        model, targets, rank=4, init="random", hidden=32, statistic=statistic, kind=kind, bases=2
+    )
     spec = plan.manifest_base["statistic"]
     torch.manual_seed(seed)
-    network = HyperNetwork(plan.hypernetwork_config).eval()
+    network = build_network(plan.hypernetwork_config).eval()
+    if kind == "mixture":  # fitted to some statistics, so the routing differs between clusters
+        network.fit_statistics(batch_statistics(model, torch.tensor([e.prompt for e in synthetic(30, 9)])))
     artifact = export_artifact(network, plan, tmp_path / "artifact")
     data = synthetic(9, 5)
     prompts = torch.tensor([e.prompt for e in data])

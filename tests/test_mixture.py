@@ -1,0 +1,98 @@
+"""The mixture generator: learned LoRA bases mixed by the centroid's distance to learned prototypes.
+
+It must export like any generator (ONNX parity, dynamic K), start at the base model, route unlike
+statistics to unlike bases from the first step, and be refused when its bases do not divide the rank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adapter_service.export import export_artifact, plan_export
+from adapter_service.hypernetwork import MixtureHyperNetwork, build_network
+from adapter_service.runtime import HyperNetworkRuntime
+from conftest import tiny_llama
+
+
+def two_groups(n: int = 40, seed: int = 0) -> torch.Tensor:
+    """Statistics as real ones look: one shared direction plus a small group-specific offset."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randn(64, generator=g) * 5
+    offsets = torch.randn(2, 64, generator=g)
+    rows = [common + offsets[i % 2] + 0.1 * torch.randn(64, generator=g) for i in range(n)]
+    return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+
+
+def mixture(rank: int = 4, bases: int = 2, init: str = "random", **kwargs):
+    model = tiny_llama()
+    plan = plan_export(
+        model, ["q_proj", "v_proj"], rank=rank, init=init, kind="mixture", bases=bases, **kwargs
+    )
+    torch.manual_seed(0)
+    return plan, build_network(plan.hypernetwork_config)
+
+
+def test_mixture_exports_with_parity_for_several_k(tmp_path: Path) -> None:
+    plan, network = mixture()
+    assert isinstance(network, MixtureHyperNetwork)
+    network.fit_statistics(two_groups())
+    artifact = export_artifact(network.eval(), plan, tmp_path / "a")
+    assert artifact.manifest.hypernetwork["config"]["kind"] == "mixture"
+    runtime = HyperNetworkRuntime(artifact)
+    for k in (1, 3, 8):
+        centroids = two_groups(k, seed=k)
+        with torch.no_grad():
+            want = [t.detach() for t in network(centroids)]
+        got = runtime.generate(centroids.numpy())
+        for i, group in enumerate(artifact.manifest.groups):
+            assert got[group.name].a.shape == (k, 2, 4, group.d_in)  # bases side by side: rank 2 x 2
+            assert got[group.name].b.shape == (k, 2, group.d_out, 4)
+            for have, ref in ((got[group.name].a, want[2 * i]), (got[group.name].b, want[2 * i + 1])):
+                assert float(np.abs(have - ref.numpy()).max() / np.abs(ref.numpy()).max()) <= 1e-5
+
+
+def test_mixture_starts_at_zero_deltas() -> None:
+    _, network = mixture(init="zero")
+    network.fit_statistics(two_groups())
+    outputs = network(two_groups(5))
+    for b in outputs[1::2]:
+        assert torch.count_nonzero(b) == 0
+    for a in outputs[0::2]:
+        assert a.abs().max() > 0  # A is live, so training can move B
+
+
+def test_fitted_prototypes_route_unlike_statistics_to_unlike_bases() -> None:
+    """Raw statistics share one dominant direction; after the fitted standardisation the two groups
+    fall on different prototypes, so their adapters differ from the first step (without labels)."""
+    _, network = mixture()
+    stats = two_groups(40)
+    with torch.no_grad():
+        network.fit_statistics(stats)
+        weights = network.weights(stats)
+    torch.testing.assert_close(weights.sum(1), torch.full((40,), 2.0))
+    dominant = weights.argmax(1)
+    assert set(dominant[0::2].tolist()) == {int(dominant[0])}
+    assert set(dominant[1::2].tolist()) == {int(dominant[1])}
+    assert dominant[0] != dominant[1]
+    assert float(weights.max(1).values.min()) > 1.2  # clearly not uniform (uniform = 1.0 each)
+    # standardisation is part of the state (saved, exported), not recomputed at serving time
+    state = network.state_dict()
+    assert {"stat_mean", "stat_scale", "prototypes", "log_temperature"} <= set(state)
+
+
+def test_bad_bases_and_kinds_are_refused_up_front() -> None:
+    with pytest.raises(ValueError, match="bases: expected a positive divisor of rank 4"):
+        mixture(rank=4, bases=3)
+    with pytest.raises(ValueError, match="bases"):
+        mixture(rank=4, bases=0)
+    with pytest.raises(ValueError, match="kind: got 'moe'"):
+        plan_export(tiny_llama(), ["q_proj"], rank=4, kind="moe")
+    _, network = mixture()
+    with pytest.raises(ValueError, match=r"stats: expected \[N, 64\]"):
+        network.fit_statistics(torch.randn(10, 3))
+    with pytest.raises(ValueError, match="at least bases=2 rows"):
+        network.fit_statistics(torch.randn(1, 64))

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from test_training import synthetic
 
+from adapter_service.clustering import FixedK
 from adapter_service.evaluation import StudyConfig, bootstrap_ci, run_study
 from conftest import tiny_llama
 
@@ -52,6 +53,13 @@ def test_study_runs_every_method_and_resumes(tmp_path: Path) -> None:
         assert lo <= entry["mean_nll"] <= hi
         assert entry["seeds"] == (1 if name == "base" else 2)
     assert methods["static LoRA (same rank)"]["vs_static_same_rank"]["delta"] == 0.0
+    best = report["headroom"]["best_static"]
+    assert best.startswith("static LoRA") and methods[best]["vs_best_static"]["delta"] == 0.0
+    gain = report["headroom"]["experts_gain_over_best_static"]
+    experts = methods["per-domain experts"]
+    assert gain == methods[best]["mean_nll"] - experts["mean_nll"]
+    if gain > 0:  # the experts' share of their own headroom is all of it
+        assert abs(experts["share_of_expert_headroom"] - 1.0) < 1e-9
     files = sorted((tmp_path / "study" / "runs").iterdir())
     stamps = [f.stat().st_mtime_ns for f in files]
     again = run_study(*args, progress=False)  # everything cached: nothing retrained or rewritten
@@ -109,3 +117,17 @@ def test_study_trains_on_label_coherent_batches_when_asked(tmp_path: Path, monke
     )
     assert seen and set(seen) == {"coherent"}
     assert "Chameleon, auto k" in report["methods"]
+
+
+def test_mixture_study_compares_against_statics_of_its_rank_and_of_one_basis(tmp_path: Path) -> None:
+    """A mixture of 3 bases of rank 2 emits rank 6: the same-rank static LoRA is rank 6 (its parameter
+    count too), the one-basis static LoRA and every expert rank 2; the shuffled-statistic control runs."""
+    config = quick_config(network="mixture", bases=3, experts=True, train_policy=FixedK(6))
+    report = run_study(
+        tiny_llama(), synthetic(36, 1), synthetic(12, 2), synthetic(12, 3), config, tmp_path / "m"
+    )
+    methods = report["methods"]
+    assert "static LoRA (rank 2, one basis)" in methods
+    assert "Chameleon, per request, shuffled statistic" in methods
+    assert methods["static LoRA (same rank)"]["params"] == methods["per-domain experts"]["params"]
+    assert methods["static LoRA (rank 2, one basis)"]["params"] * 3 == methods["per-domain experts"]["params"]

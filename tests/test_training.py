@@ -299,3 +299,25 @@ def test_plugin_refuses_a_statistic_it_cannot_compute(tmp_path: Path) -> None:
 def _fresh(model):
     plan = plan_export(model, ["v_proj"], rank=2, init="random", hidden=8)
     return HyperNetwork(plan.hypernetwork_config).eval(), plan
+
+
+def test_statistic_cache_computes_each_prompt_once_and_never_for_a_static_lora(monkeypatch) -> None:
+    import adapter_service.training as training
+
+    model, plan, network = setup()
+    calls = []
+    real = training.batch_statistics
+    monkeypatch.setattr(
+        training, "batch_statistics", lambda m, p, s=None: calls.append(len(p)) or real(m, p, s)
+    )
+    cache = training.StatisticCache(model, None)
+    data = synthetic(6, 0)
+    prompts = [e.prompt for e in data]
+    first = cache(prompts + prompts[:2], network)
+    again = cache(prompts[::-1], network)
+    assert calls == [6]  # distinct prompts, once
+    torch.testing.assert_close(first[:6], batch_statistics(model, torch.tensor(prompts)))
+    torch.testing.assert_close(again, first[:6].flip(0))
+    static = cache([e.prompt for e in synthetic(4, 9)], StaticLoRA(plan.hypernetwork_config))
+    assert calls == [6]  # never for the static LoRA, which ignores its input
+    assert static.shape == (4, 64) and torch.all(static == 1)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Issue 6's study (docs/adaptation.md): where does per-cluster adaptation pay? SmolLM2-135M-Instruct on
+# the `mixed` corpus (encyclopedia, news, scripture, fortunes, dictionary, computing glossary), q_proj
+# and v_proj of the last four layers. Chameleon = the mixture generator (6 LoRA bases of rank 8, routed
+# by the mean input embedding, per request in training) against static LoRAs of rank 8 and 48 (= its
+# parameters) and oracle per-domain experts of rank 8 (together = its parameters); seeds 0 1 2.
+# Resumable: re-run after an interruption. Copies report.{json,md,png} to docs/results/adaptation/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-.chameleon/studies}
+chameleon fetch-corpora
+chameleon eval --data mixed --max-per-label 200 \
+  --targets 'model.layers.2[6-9].self_attn.q_proj,model.layers.2[6-9].self_attn.v_proj' \
+  --network mixture --bases 6 --rank 8 --train-k request \
+  --seeds 0 1 2 --steps 100 --eval-every 10 --patience 3 --lr 2e-3 \
+  --out "$OUT/adaptation" "$@"
+mkdir -p docs/results/adaptation
+cp "$OUT/adaptation"/report.{json,md,png} docs/results/adaptation/

@@ -1,18 +1,19 @@
 """Generation throughput of chameleon_torch against the base model and PEFT's static LoRA.
 
     python benchmarks/plugin_throughput.py [--rounds 4] [--batch 32] [--new-tokens 32] [--out DIR]
+    python benchmarks/plugin_throughput.py --rank 48 --ks 1 4 8 32 --tag rank48   # the mixture's rank
 
 SmolLM2-135M-Instruct (the PyPI GGUF, see adapter_service.model_loading), a batch of mixed prompts,
 greedy decoding with exactly `--new-tokens` new tokens per row. Variants, interleaved round by round
 (the order rotates each round) so machine noise hits all alike:
   base         the model as loaded
-  peft         PEFT LoRA, unmerged, rank 8 on q_proj and v_proj (one static adapter)
-  plugin k=K   chameleon_torch with a real sidecar process, FixedK(K) for K = 1, 4, 8, rank 8 on
+  peft         PEFT LoRA, unmerged, rank --rank (8) on q_proj and v_proj (one static adapter)
+  plugin k=K   chameleon_torch with a real sidecar process, FixedK(K) for K in --ks (1 4 8), rank --rank on
                q_proj and v_proj; the timed region includes the per-batch preparation (statistic,
                Adapt call, installing the factors), as a server would pay it.
 The FLOP floor is base FLOPs / (base + one rank-r LoRA's FLOPs) per generated token: the best ratio
 any LoRA can reach if its extra work cost no more per FLOP than the base model's.
-Writes OUT/plugin_throughput.json and OUT/plugin_throughput.png.
+Writes OUT/plugin_throughput[_TAG].json and .png.
 
 OpenMP settings are left as the environment gives them, and recorded. The brief suggests
 OMP_WAIT_POLICY=PASSIVE against occasional 7x slowdowns of two torch threads; measured here, it makes
@@ -48,8 +49,6 @@ from adapter_service.model_spec import find_targets  # noqa: E402
 from adapter_service.sidecar import SidecarProcess  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj"]
-RANK = 8
-KS = (1, 4, 8)
 
 PROMPTS = [
     # encyclopedia
@@ -91,10 +90,10 @@ PROMPTS = [
 ]
 
 
-def flop_floor(model: torch.nn.Module) -> dict:
+def flop_floor(model: torch.nn.Module, rank: int) -> dict:
     """MACs per token of every Linear (incl. the LM head) versus one rank-r LoRA on the targets."""
     base = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
-    lora = sum(RANK * (t.d_in + t.d_out) for t in find_targets(model, TARGETS))
+    lora = sum(rank * (t.d_in + t.d_out) for t in find_targets(model, TARGETS))
     return {"base_macs_per_token": base, "lora_macs_per_token": lora, "floor_ratio": base / (base + lora)}
 
 
@@ -134,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank of PEFT and of the plugin's adapters")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 8], help="clusters per batch")
+    parser.add_argument("--tag", default="", help="file name suffix, e.g. rank48")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -146,23 +148,29 @@ def main(argv: list[str] | None = None) -> int:
     base, tokenizer = load_causal_lm(args.model)
     pad_id = tokenizer.pad_token_id
     ids, mask = batch_inputs(tokenizer, args.batch)
-    floor = flop_floor(base)
+    floor = flop_floor(base, args.rank)
 
     peft_model = get_peft_model(
         copy.deepcopy(base),
         LoraConfig(
-            r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=False
+            r=args.rank,
+            lora_alpha=2 * args.rank,
+            target_modules=TARGETS,
+            lora_dropout=0.0,
+            init_lora_weights=False,
         ),
     ).eval()
     plugin_model = copy.deepcopy(base)
 
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = make_fresh_artifact(plugin_model, TARGETS, RANK, Path(tmp) / "artifact", init="random")
+        artifact = make_fresh_artifact(
+            plugin_model, TARGETS, args.rank, Path(tmp) / "artifact", init="random"
+        )
         with SidecarProcess(artifact.path, log_path=Path(tmp) / "sidecar.log") as sidecar:
             client = AdapterClient(sidecar.address, timeout=10)
             handle = attach(plugin_model, client, PluginConfig(deadline_s=10))
             variants = {"base": (base, None), "peft": (peft_model, None)}
-            for k in KS:
+            for k in args.ks:
                 variants[f"plugin k={k}"] = (plugin_model, k)
             names = list(variants)
             samples: dict[str, list[dict]] = {n: [] for n in names}
@@ -218,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             "new_tokens": args.new_tokens,
             "rounds": args.rounds,
             "targets": TARGETS,
-            "rank": RANK,
+            "rank": args.rank,
             "threads": args.threads,
             "greedy": True,
             "prompt_tokens": int(mask.sum()),

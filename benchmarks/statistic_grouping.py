@@ -11,8 +11,9 @@ it costs per batch of 32 prompts on this machine:
   when that package is installed.
 
     python benchmarks/statistic_grouping.py --data wiki+bbc --out benchmarks/results
+    python benchmarks/statistic_grouping.py --data mixed --drop-label x --max-per-label 200
 
-Writes statistic_grouping.json and statistic_grouping.png.
+Writes statistic_grouping[_DATA].json and .png (no suffix for wiki+bbc).
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-per-label", type=int, default=80)
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16])
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument(
+        "--tag", default=None, help="file name suffix (default: none for wiki+bbc, else the data name)"
+    )
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -95,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     weight = model.get_input_embeddings().weight
     with torch.no_grad():
         stats["embedding"] = mean_input_embedding(weight, prompts).numpy()
+    # What the mixture generator's router sees: standardised with the mean and spread of the statistics
+    # (fitted on training prompts there; on these prompts here).
+    spread = stats["embedding"].std(0) + 1e-6
+    stats["embedding, standardised"] = (stats["embedding"] - stats["embedding"].mean(0)) / spread
     _, cost_ms["embedding"] = timed(lambda: mean_input_embedding(weight, one_batch))
     hidden = hidden_means(model, prompts, args.layers)
     for layer, values in hidden.items():
@@ -124,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "statistic_grouping.json").write_text(json.dumps(results, indent=2) + "\n")
-    _plot(results, out / "statistic_grouping.png")
+    tag = args.tag if args.tag is not None else ("" if args.data == "wiki+bbc" else args.data)
+    stem = "statistic_grouping" + (f"_{tag}" if tag else "")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    _plot(results, out / f"{stem}.png")
     print(f"cost per 32 prompts (ms): {json.dumps(cost_ms)}")
     return 0
 

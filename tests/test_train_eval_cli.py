@@ -68,6 +68,26 @@ def test_train_writes_a_trained_artifact(inputs, tmp_path: Path) -> None:
     assert manifest.hypernetwork["history"] and manifest.base_model.weights_sha256
 
 
+def test_train_a_mixture_routed_per_request(inputs, tmp_path: Path) -> None:
+    """--network mixture --bases 2 --rank 2 emits rank 4; the manifest records the recipe."""
+    model_dir, data = inputs
+    out = tmp_path / "mixture"
+    args = ["--network", "mixture", "--bases", "2", "--train-k", "request"]
+    run("train", "--model", str(model_dir), "--data", str(data), *COMMON, *args, "--out", str(out))
+    manifest = load_artifact(out).manifest
+    facts = manifest.hypernetwork
+    assert facts["config"]["kind"] == "mixture" and facts["config"]["bases"] == 2
+    assert manifest.rank == 4 and facts["train_k"] == "request"
+    command = [str(CHAMELEON), "train", "--model", str(model_dir), "--data", str(data), *COMMON]
+    bad = subprocess.run(
+        [*command, "--train-k", "x", "--out", str(tmp_path / "bad")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert bad.returncode != 0 and "--train-k: expected 'auto', 'request' or a number" in bad.stderr
+
+
 def test_eval_writes_the_report(inputs, tmp_path: Path) -> None:
     model_dir, data = inputs
     out = tmp_path / "study"

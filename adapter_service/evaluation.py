@@ -302,6 +302,15 @@ def run_study(
                 )
             )
     report = summarise(records, len(test_examples), config, hyper_params, big_rank)
+    if all(e.label is not None for e in test_examples):  # where each method gains: mean NLL per label
+        labels_of = np.array([e.label for e in test_examples])
+        report["per_label"] = {
+            name: {
+                label: float(np.mean([r["per_doc"] for r in runs], axis=0)[labels_of == label].mean())
+                for label in sorted(set(labels_of))
+            }
+            for name, runs in records.items()
+        }
     latencies = [
         json.loads((runs / f"hyper-seed{seed}.json").read_text()).get("latency") for seed in config.seeds
     ]

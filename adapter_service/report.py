@@ -51,6 +51,18 @@ def write_report(
                 + ("." if gain > 0 else "; none, so shares are undefined.")
             ),
         ]
+    per_label = report.get("per_label")
+    if per_label:
+        labels = sorted(next(iter(per_label.values())))
+        lines += [
+            "",
+            "Mean test NLL per label (where each method gains):",
+            "",
+            "| method | " + " | ".join(labels) + " |",
+            "| --- |" + " --- |" * len(labels),
+        ]
+        for name in sorted(per_label, key=lambda n: methods[n]["mean_nll"]):
+            lines.append(f"| {name} | " + " | ".join(f"{per_label[name][x]:.4f}" for x in labels) + " |")
     latency = report.get("latency_per_batch")
     if latency:
         lines += [

@@ -66,6 +66,7 @@ def test_study_runs_every_method_and_resumes(tmp_path: Path) -> None:
     assert [f.stat().st_mtime_ns for f in sorted((tmp_path / "study" / "runs").iterdir())] == stamps
     assert again["methods"] == methods
     assert again["latency_per_batch"]["base_forward_ms"] > 0
+    assert set(again["per_label"]["per-domain experts"]) == {"d0", "d1", "d2"}
     assert again["grouping"]["labels"] == 3 and again["grouping"]["knn_accuracy"] > 0.6  # chance: 1/3
 
 

@@ -231,6 +231,7 @@ def _train(args: argparse.Namespace) -> int:
         statistic=args.statistic,
         kind=args.network,
         bases=args.bases,
+        routing_sharpness=args.routing_sharpness,
     )
     torch.manual_seed(args.seed)
     network = (
@@ -319,6 +320,7 @@ def _eval(args: argparse.Namespace) -> int:
         batching=args.batching,
         network=args.network,
         bases=args.bases,
+        routing_sharpness=args.routing_sharpness,
         train_policy=_train_policy(args),
     )
     out = Path(args.out)
@@ -477,6 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
             "(--bases LoRAs of --rank each, mixed by the centroid's distance to learned prototypes)",
         )
         p.add_argument("--bases", type=int, default=1, help="mixture: number of LoRA bases")
+        p.add_argument(
+            "--routing-sharpness",
+            type=float,
+            default=0.3,
+            help="mixture: initial logit lead of the nearest prototype (0.3 soft, 4 nearly hard)",
+        )
         p.add_argument(
             "--train-k",
             default="auto",

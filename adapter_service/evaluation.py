@@ -72,6 +72,7 @@ class StudyConfig:
     # rank * bases and has the parameters of the static LoRA of that rank (and of the experts together).
     network: str = "full"
     bases: int = 1
+    routing_sharpness: float = 0.3  # mixture only (HyperNetworkConfig.routing_sharpness)
 
 
 def batch_latency(
@@ -152,6 +153,7 @@ def run_study(
         statistic=config.statistic,
         kind=config.network,
         bases=config.bases,
+        routing_sharpness=config.routing_sharpness,
     )
     spec = plan.manifest_base["statistic"]
     statistics = StatisticCache(model, spec)

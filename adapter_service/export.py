@@ -93,6 +93,7 @@ def plan_export(
     statistic: str = "embedding",
     kind: str = "full",
     bases: int = 1,
+    routing_sharpness: float = 0.3,
 ) -> ExportPlan:
     """`max_delta_norm` c caps every emitted delta at ||s B A||_F <= c ||W||_F (needs real weights).
     `statistic`: `embedding` (mean input embedding) or `hidden:L` (mean hidden state after layer L; every
@@ -131,6 +132,7 @@ def plan_export(
         max_delta_norm=max_delta_norm,
         kind=kind,
         bases=bases,
+        routing_sharpness=routing_sharpness,
     )
     check_kind(config)
     manifest_base = {

@@ -11,8 +11,8 @@ OUT=${OUT:-.chameleon/studies}
 chameleon fetch-corpora
 chameleon eval --data mixed --max-per-label 200 \
   --targets 'model.layers.2[6-9].self_attn.q_proj,model.layers.2[6-9].self_attn.v_proj' \
-  --network mixture --bases 6 --rank 8 --train-k request \
+  --network mixture --bases 6 --rank 8 --routing-sharpness 0.3 --train-k request \
   --seeds 0 1 2 --steps 100 --eval-every 10 --patience 3 --lr 2e-3 \
-  --out "$OUT/adaptation" "$@"
+  --out "$OUT/adaptation-mixture" "$@"
 mkdir -p docs/results/adaptation
-cp "$OUT/adaptation"/report.{json,md,png} docs/results/adaptation/
+cp "$OUT/adaptation-mixture"/report.{json,md,png} docs/results/adaptation/

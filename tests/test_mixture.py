@@ -68,11 +68,16 @@ def test_mixture_starts_at_zero_deltas() -> None:
 def test_fitted_prototypes_route_unlike_statistics_to_unlike_bases() -> None:
     """Raw statistics share one dominant direction; after the fitted standardisation the two groups
     fall on different prototypes, so their adapters differ from the first step (without labels)."""
-    _, network = mixture()
+    _, network = mixture(routing_sharpness=4.0)
+    _, soft = mixture(routing_sharpness=0.3)
     stats = two_groups(40)
     with torch.no_grad():
         network.fit_statistics(stats)
         weights = network.weights(stats)
+        soft.fit_statistics(stats)
+        soft_weights = soft.weights(stats)
+    assert torch.equal(soft_weights.argmax(1), weights.argmax(1))  # same routing, softer weights
+    assert float(soft_weights.max(1).values.mean()) < float(weights.max(1).values.mean())
     torch.testing.assert_close(weights.sum(1), torch.full((40,), 2.0))
     dominant = weights.argmax(1)
     assert set(dominant[0::2].tolist()) == {int(dominant[0])}
@@ -91,6 +96,8 @@ def test_bad_bases_and_kinds_are_refused_up_front() -> None:
         mixture(rank=4, bases=0)
     with pytest.raises(ValueError, match="kind: got 'moe'"):
         plan_export(tiny_llama(), ["q_proj"], rank=4, kind="moe")
+    with pytest.raises(ValueError, match="routing_sharpness: expected a positive number"):
+        mixture(routing_sharpness=0.0)
     _, network = mixture()
     with pytest.raises(ValueError, match=r"stats: expected \[N, 64\]"):
         network.fit_statistics(torch.randn(10, 3))

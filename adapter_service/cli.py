@@ -474,11 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--network",
             choices=("full", "mixture"),
-            default="full",
+            default="mixture",
             help="generator: 'full' (the paper's: all of A and B from the centroid) or 'mixture' "
             "(--bases LoRAs of --rank each, mixed by the centroid's distance to learned prototypes)",
         )
-        p.add_argument("--bases", type=int, default=1, help="mixture: number of LoRA bases")
+        p.add_argument("--bases", type=int, default=6, help="mixture: number of LoRA bases")
         p.add_argument(
             "--routing-sharpness",
             type=float,
@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--train-k",
-            default="auto",
+            default="request",
             help="clusters per training batch: 'auto' (silhouette, up to --max-k), 'request' (one per "
             "request) or a number",
         )

@@ -99,6 +99,8 @@ class AdapterGenerator(nn.Module):
     """What export and training rely on: centroids [K, D] in, one (A, B) pair per target group out,
     named as the artifact's ONNX outputs. The hyper-network and the static-LoRA baseline share it."""
 
+    uses_statistic = True  # False: the output ignores the centroids (training then skips the statistic)
+
     def __init__(self, config: HyperNetworkConfig) -> None:
         super().__init__()
         self.config = config

@@ -139,7 +139,7 @@ class StatisticCache:
         self._rows: dict[tuple[int, ...], torch.Tensor] = {}
 
     def __call__(self, prompts: Sequence[tuple[int, ...]], network: nn.Module | None = None) -> torch.Tensor:
-        if network is not None and not getattr(network, "uses_statistic", True):
+        if isinstance(network, AdapterGenerator) and not network.uses_statistic:
             return torch.ones(len(prompts), network.config.stat_dim)
         missing = list(dict.fromkeys(p for p in prompts if p not in self._rows))
         with torch.no_grad():

@@ -324,13 +324,16 @@ def _eval(args: argparse.Namespace) -> int:
         train_policy=_train_policy(args),
     )
     out = Path(args.out)
-    report = run_study(model, splits.train, splits.validation, splits.test, config, out)
+    report = run_study(model, splits.train, splits.validation, splits.test, config, out, only=args.only)
     command = "chameleon " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    # A resumed study's wall time is the sum over its invocations (kept next to its runs).
+    # A study's wall time is the sum over its invocations, parallel --only workers included.
     ledger = out / "wall_seconds.json"
     spent = json.loads(ledger.read_text()) if ledger.exists() else []
     spent.append(time.perf_counter() - started)
     ledger.write_text(json.dumps(spent) + "\n")
+    if args.only:
+        print(f"computed {', '.join(args.only)} for seeds {args.seeds} in {out}; no report (--only)")
+        return 0
     write_report(report, out, command, sum(spent), invocations=len(spent))
     print((out / "report.md").read_text())
     return 0
@@ -500,6 +503,13 @@ def build_parser() -> argparse.ArgumentParser:
     eval_p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     eval_p.add_argument("--no-experts", action="store_true", help="skip the per-domain expert LoRAs")
     eval_p.add_argument("--expert-batch-size", type=int, default=8, help="batch of each per-label expert")
+    eval_p.add_argument(
+        "--only",
+        nargs="+",
+        choices=("base", "static", "static-basis", "static-big", "hyper", "experts"),
+        help="compute only these runs and write no report (parallel workers on one --out; then run "
+        "once without --only to gather the report)",
+    )
     eval_p.set_defaults(func=_eval)
 
     demo = sub.add_parser(

@@ -137,8 +137,13 @@ def run_study(
     config: StudyConfig,
     out: Path,
     progress: bool = True,
+    only: Sequence[str] | None = None,
 ) -> dict:
-    """Train and score every method for every seed; returns (and writes) the report data."""
+    """Train and score every method for every seed; returns (and writes) the report data.
+
+    `only` (run names: base, static, static-basis, static-big, hyper, experts) computes just those runs
+    and writes no report: several processes can then share one study directory, each on its own runs,
+    and a last call without `only` gathers everything."""
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs"
     runs.mkdir(exist_ok=True)
@@ -220,10 +225,12 @@ def run_study(
             "best_validation_nll": result.best_validation_nll,
         }
 
-    def cached(name: str, seed: int, compute) -> dict:
+    def cached(name: str, seed: int, compute) -> dict | None:
         path = runs / f"{name}-seed{seed}.json"
         if path.exists():
             return json.loads(path.read_text())
+        if only is not None and name not in only:
+            return None
         record = compute()
         path.write_text(json.dumps(record) + "\n")
         return record
@@ -281,7 +288,7 @@ def run_study(
             )
             return {"scores": scores, "params": network.num_parameters(), "latency": latency, **facts}
 
-        hyper = cached("hyper", seed, hyper_run)
+        hyper = cached("hyper", seed, hyper_run) or {"scores": {}}
         for policy_name, per_doc in hyper["scores"].items():
             records.setdefault(f"Chameleon, {policy_name}", []).append(
                 {"per_doc": per_doc, "params": hyper["params"], "best_step": hyper["best_step"]}
@@ -303,6 +310,8 @@ def run_study(
                     ),
                 )
             )
+    if only is not None:
+        return {"computed_only": sorted(only)}
     report = summarise(records, len(test_examples), config, hyper_params, big_rank)
     if all(e.label is not None for e in test_examples):  # where each method gains: mean NLL per label
         labels_of = np.array([e.label for e in test_examples])

@@ -132,3 +132,23 @@ def test_mixture_study_compares_against_statics_of_its_rank_and_of_one_basis(tmp
     assert "Chameleon, per request, shuffled statistic" in methods
     assert methods["static LoRA (same rank)"]["params"] == methods["per-domain experts"]["params"]
     assert methods["static LoRA (rank 2, one basis)"]["params"] * 3 == methods["per-domain experts"]["params"]
+
+
+def test_only_computes_the_named_runs_and_a_plain_call_gathers_them(tmp_path: Path) -> None:
+    """Parallel workers (`only`) each write their own runs and no report; a plain call reuses them all."""
+    model = tiny_llama()
+    config = quick_config(seeds=[0, 1])
+    data = (synthetic(24, 1), synthetic(12, 2), synthetic(12, 3))
+    out = tmp_path / "study"
+    assert run_study(model, *data, config, out, progress=False, only=["static"]) == {
+        "computed_only": ["static"]
+    }
+    assert sorted(f.name for f in (out / "runs").iterdir()) == ["static-seed0.json", "static-seed1.json"]
+    assert not (out / "report.json").exists()
+    stamp = (out / "runs" / "static-seed1.json").stat().st_mtime_ns
+    report = run_study(model, *data, config, out, progress=False)
+    assert (out / "runs" / "static-seed1.json").stat().st_mtime_ns == stamp  # reused, not retrained
+    assert (
+        report["methods"]["static LoRA (same rank)"]["seeds"] == 2
+        and "Chameleon, auto k" in report["methods"]
+    )

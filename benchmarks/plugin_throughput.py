@@ -244,15 +244,16 @@ def main(argv: list[str] | None = None) -> int:
         "results": records,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "plugin_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(records, floor["floor_ratio"], report["settings"], args.out / "plugin_throughput.png")
+    stem = "plugin_throughput" + (f"_{args.tag}" if args.tag else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(records, floor["floor_ratio"], report["settings"], args.out / f"{stem}.png")
     print(f"\n{'variant':<14}{'tokens/s':>10}{'ratio':>8}{'floor':>8}{'prepare ms':>12}")
     for r in records:
         print(
             f"{r['variant']:<14}{r['tokens_per_s_median']:>10.1f}{r['ratio_to_base']:>8.3f}"
             f"{r['floor_ratio']:>8.3f}{r['prepare_ms_median']:>12.1f}"
         )
-    print(f"wrote {args.out / 'plugin_throughput.json'} and {args.out / 'plugin_throughput.png'}")
+    print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
     return 0
 
 

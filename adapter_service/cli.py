@@ -439,7 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="preset, .gguf file, local HF directory or hub id",
         )
         p.add_argument(
-            "--data", default="wiki-categories", help="preset (wiki-categories, bbc-news, wiki+bbc) or path"
+            "--data",
+            default="wiki-categories",
+            help="preset (wiki-categories, bbc-news, wiki+bbc, mixed) or path",
         )
         p.add_argument(
             "--targets", required=True, help="module names or globs, e.g. 'model.layers.2[6-9].*.v_proj'"

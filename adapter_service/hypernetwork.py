@@ -184,7 +184,7 @@ class MixtureHyperNetwork(AdapterGenerator):
 
     weights = bases * softmax(-||x - p_m||^2 / t), with x the standardised centroid, p_m learned
     prototypes and t a learned temperature; A = [A_1; ...; A_M], B = [w_1 B_1, ..., w_M B_M]. Uniform
-    weights make it a static LoRA of rank `rank`, so it can only gain by routing. Call
+    weights make it a static LoRA of rank `rank`: all it adds over one is the routing. Call
     `fit_statistics` with the training statistics before training; the fitted mean, spread and
     prototypes live in the state dict and in the exported graph.
     """
@@ -214,7 +214,6 @@ class MixtureHyperNetwork(AdapterGenerator):
     def fit_statistics(self, stats: torch.Tensor, seed: int = 0) -> None:
         """Standardise with the training statistics; prototypes start at their k-means centroids, and the
         temperature gives the nearest prototype a mean logit lead of `routing_sharpness` over the second."""
-
         from adapter_service.clustering import FixedK, cluster
 
         stats = stats.detach().float().cpu()

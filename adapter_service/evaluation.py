@@ -315,12 +315,10 @@ def run_study(
     report = summarise(records, len(test_examples), config, hyper_params, big_rank)
     if all(e.label is not None for e in test_examples):  # where each method gains: mean NLL per label
         labels_of = np.array([e.label for e in test_examples])
+        per_doc = {name: _seed_mean(runs) for name, runs in records.items()}
         report["per_label"] = {
-            name: {
-                label: float(np.mean([r["per_doc"] for r in runs], axis=0)[labels_of == label].mean())
-                for label in sorted(set(labels_of))
-            }
-            for name, runs in records.items()
+            name: {label: float(values[labels_of == label].mean()) for label in sorted(set(labels_of))}
+            for name, values in per_doc.items()
         }
     latencies = [
         json.loads((runs / f"hyper-seed{seed}.json").read_text()).get("latency") for seed in config.seeds
@@ -331,8 +329,7 @@ def run_study(
             key: float(np.median([x[key] for x in latencies])) for key in latencies[0]
         }
     if all(e.label is not None for e in test_examples):  # does the statistic group by domain?
-        with torch.no_grad():
-            stats = batch_statistics(model, torch.tensor([e.prompt for e in test_examples]), spec).numpy()
+        stats = statistics([e.prompt for e in test_examples]).numpy()  # cached while scoring
         report["grouping"] = grouping_diagnostics(stats, [e.label for e in test_examples], config.batch_size)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -396,6 +393,11 @@ def _experts(labels, train_examples, validation_examples, test_examples, cfg, se
     return {"per_doc": per_doc.tolist(), "params": params, "best_steps": steps}
 
 
+def _seed_mean(runs: Sequence[dict]) -> np.ndarray:
+    """Each test document's NLL averaged over a method's seeds."""
+    return np.mean([r["per_doc"] for r in runs], axis=0)
+
+
 def summarise(
     records: dict[str, list[dict]], n_test: int, config: StudyConfig, hyper_params: int, big_rank: int
 ) -> dict:
@@ -403,9 +405,9 @@ def summarise(
     paired difference to the same-rank static LoRA (the baseline the method has to beat)."""
     methods = {}
     reference = records.get("static LoRA (same rank)")
-    ref = np.mean([r["per_doc"] for r in reference], axis=0) if reference else None
+    ref = _seed_mean(reference) if reference else None
     for name, runs in records.items():
-        per_doc = np.mean([r["per_doc"] for r in runs], axis=0)  # averaged over seeds, per document
+        per_doc = _seed_mean(runs)
         mean, lo, hi = bootstrap_ci(per_doc)
         entry = {
             "mean_nll": mean,
@@ -441,10 +443,9 @@ def _headroom(records: dict[str, list[dict]], methods: dict[str, dict]) -> dict 
     if not statics:
         return None
     best = min(statics, key=lambda name: methods[name]["mean_nll"])
-    best_doc = np.mean([r["per_doc"] for r in records[best]], axis=0)
+    best_doc = _seed_mean(records[best])
     for name, entry in methods.items():
-        per_doc = np.mean([r["per_doc"] for r in records[name]], axis=0)
-        delta, lo, hi = bootstrap_ci(per_doc - best_doc)
+        delta, lo, hi = bootstrap_ci(_seed_mean(records[name]) - best_doc)
         entry["vs_best_static"] = {"delta": delta, "ci95": [lo, hi]}
     experts = methods.get("per-domain experts")
     gain = methods[best]["mean_nll"] - experts["mean_nll"] if experts else None

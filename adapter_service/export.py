@@ -38,7 +38,7 @@ from adapter_service.hypernetwork import (
 )
 from adapter_service.model_spec import find_targets, fingerprint, group_targets
 from adapter_service.runtime import create_session
-from adapter_service.statistics import decoder_layers, parse_statistic, statistic_layer
+from adapter_service.statistics import decoder_layers, parse_statistic, statistic_dim, statistic_layer
 
 log = logging.getLogger(__name__)
 PARITY_TOLERANCE = 1e-5
@@ -96,8 +96,9 @@ def plan_export(
     routing_sharpness: float = 0.3,
 ) -> ExportPlan:
     """`max_delta_norm` c caps every emitted delta at ||s B A||_F <= c ||W||_F (needs real weights).
-    `statistic`: `embedding` (mean input embedding) or `hidden:L` (mean hidden state after layer L; every
-    target must then sit after layer L, so one prefill can compute the statistic before it is needed).
+    `statistic`: `embedding` (mean input embedding), `hidden:L` (mean hidden state after layer L; every
+    target must then sit after layer L, so one prefill can compute the statistic before it is needed)
+    or `encoder[:NAME]` (a sentence encoder's embedding of the prompt text; statistics.py).
     `kind`/`bases`: the generator (hypernetwork.build_network); `rank` is the emitted rank."""
     if rank < 1:
         raise ValueError(f"rank: expected a positive integer, got {rank}")
@@ -106,6 +107,7 @@ def plan_export(
     stat_kind, params = parse_statistic(statistic)
     found = find_targets(model, targets)
     _check_targets_after_statistic(model, [m.name for m in found], stat_kind, params)
+    stat_dim = statistic_dim(model, StatisticSpec(kind=stat_kind, dim=1, params=params))
     groups = group_targets(found)
     fp = fingerprint(model)
     alpha = float(alpha if alpha is not None else 2 * rank)
@@ -122,7 +124,7 @@ def plan_export(
         return tuple(float(max_delta_norm * w.detach().float().norm() / scaling) for w in weights)
 
     config = HyperNetworkConfig(
-        stat_dim=fp.hidden_size,
+        stat_dim=stat_dim,
         groups=tuple(
             GroupShape(name, ms[0].d_in, ms[0].d_out, len(ms), limits(ms)) for name, ms in groups.items()
         ),
@@ -137,7 +139,7 @@ def plan_export(
     check_kind(config)
     manifest_base = {
         "base_model": fp,
-        "statistic": StatisticSpec(kind=stat_kind, dim=fp.hidden_size, normalization="l2", params=params),
+        "statistic": StatisticSpec(kind=stat_kind, dim=stat_dim, normalization="l2", params=params),
         "rank": rank,
         "scaling": scaling,
     }

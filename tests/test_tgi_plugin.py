@@ -483,21 +483,26 @@ def test_artifact_for_another_model_is_refused(
 
 
 def test_artifact_with_a_statistic_this_plugin_cannot_compute_is_refused(
-    tgi, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, llama_dir: Path
+    tgi, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, llama_dir: Path, encoder_dir: Path
 ) -> None:
     """chameleon_tgi computes only the input-embedding statistic (from all_input_ids before prefill);
-    an artifact declaring the hidden-state statistic is refused at start, not served wrongly."""
+    an artifact declaring the hidden-state or sentence-encoder statistic is refused at start, not
+    served wrongly."""
     from adapter_service.export import make_fresh_artifact
 
     artifact = make_fresh_artifact(
         llama_dir, ["model.layers.1.self_attn.v_proj"], 4, tmp_path / "hidden", statistic="hidden:1"
     )
-    server = start_server(artifact.path)
-    try:
-        with pytest.raises(hooks.ManifestMismatch, match="statistic 'mean_hidden_state'"):
-            serve(llama_dir, monkeypatch, CHAMELEON_SIDECAR=server.address)
-    finally:
-        server.stop()
+    encoder = make_fresh_artifact(
+        llama_dir, ["v_proj"], 4, tmp_path / "encoder", statistic=f"encoder:{encoder_dir}"
+    )
+    for refused, kind in ((artifact, "mean_hidden_state"), (encoder, "sentence_encoder")):
+        server = start_server(refused.path)
+        try:
+            with pytest.raises(hooks.ManifestMismatch, match=f"statistic '{kind}'"):
+                serve(llama_dir, monkeypatch, CHAMELEON_SIDECAR=server.address)
+        finally:
+            server.stop()
 
 
 # -- version and structure check -----------------------------------------------------------------------

@@ -25,7 +25,7 @@ from adapter_service.training import (
     mean_nll,
     train,
 )
-from conftest import start_server, tiny_gpt2, tiny_llama
+from conftest import start_server, tiny_gpt2, tiny_llama, word_tokenizer
 
 P, C = 6, 8
 DOMAINS = [(10, 40), (100, 130), (200, 230)]
@@ -124,17 +124,22 @@ def test_statistic_is_the_plugins_function() -> None:
         ("embedding", ["q_proj", "v_proj"], 4, "full"),
         ("hidden:1", ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"], 6, "full"),
         ("embedding", ["q_proj", "v_proj"], 4, "mixture"),
+        ("encoder", ["q_proj", "v_proj"], 5, "full"),
+        ("encoder", ["q_proj", "v_proj"], 5, "mixture"),
     ],
 )
 def test_training_application_equals_the_plugin_with_the_exported_artifact(
-    statistic: str, targets: list[str], seed: int, kind: str, tmp_path: Path
+    statistic: str, targets: list[str], seed: int, kind: str, tmp_path: Path, encoder_dir: Path
 ) -> None:
     """Train/serve parity, for every statistic kind: the differentiable training hooks and the served
     path (ONNX in the sidecar, k-means in the sidecar, chameleon_torch's stacked hooks, the statistic
-    computed by the plugin from the prompt through the one shared function) give the same logits."""
+    computed by the plugin from the prompt through the one shared function) give the same logits.
+    The sentence encoder decodes prompts with the model's tokenizer on both sides."""
     from chameleon_torch import PluginConfig, attach
 
-    model = tiny_llama()
+    model, tokenizer = tiny_llama(), word_tokenizer()
+    if statistic == "encoder":
+        statistic = f"encoder:{encoder_dir}"
     plan = plan_export(
         model, targets, rank=4, init="random", hidden=32, statistic=statistic, kind=kind, bases=2
     )
@@ -142,7 +147,8 @@ def test_training_application_equals_the_plugin_with_the_exported_artifact(
     torch.manual_seed(seed)
     network = build_network(plan.hypernetwork_config).eval()
     if kind == "mixture":  # fitted to some statistics, so the routing differs between clusters
-        network.fit_statistics(batch_statistics(model, torch.tensor([e.prompt for e in synthetic(30, 9)])))
+        fit = torch.tensor([e.prompt for e in synthetic(30, 9)])
+        network.fit_statistics(batch_statistics(model, fit, spec, tokenizer))
     artifact = export_artifact(network, plan, tmp_path / "artifact")
     data = synthetic(9, 5)
     prompts = torch.tensor([e.prompt for e in data])
@@ -150,9 +156,9 @@ def test_training_application_equals_the_plugin_with_the_exported_artifact(
     names = [n for ms in plan.group_modules.values() for n in ms]
     applier = DeltaApplier(model, names, plan.manifest_base["scaling"])
     with torch.no_grad():
-        stats = batch_statistics(model, prompts, spec)
-        if statistic != "embedding":
-            assert not torch.allclose(stats, batch_statistics(model, prompts))  # really another statistic
+        stats = batch_statistics(model, prompts, spec, tokenizer)
+        if statistic != "embedding":  # really another statistic
+            assert stats.shape != (9, 64) or not torch.allclose(stats, batch_statistics(model, prompts))
         adapters = adapters_for_batch(network, plan.group_modules, stats, FixedK(3))
         applier.rows = adapters.rows
         trained = model(input_ids=tokens).logits
@@ -164,6 +170,7 @@ def test_training_application_equals_the_plugin_with_the_exported_artifact(
             model,
             AdapterClient(server.address, timeout=10),
             PluginConfig(policy=FixedK(3), wire_dtype="float32", deadline_s=10),
+            tokenizer=tokenizer,
         )
         with torch.no_grad(), handle.adapt(prompts) as batch:  # statistic from the prompt only
             served = model(input_ids=tokens).logits
@@ -273,7 +280,7 @@ def test_prefix_cache_for_targets_is_none_where_nothing_can_be_cached() -> None:
     assert PrefixCache.for_targets(tiny_llama(), ["model.layers.1.self_attn.v_proj"]).first_layer == 1
 
 
-def test_plugin_refuses_a_statistic_it_cannot_compute(tmp_path: Path) -> None:
+def test_plugin_refuses_a_statistic_it_cannot_compute(tmp_path: Path, encoder_dir: Path) -> None:
     import dataclasses
 
     from adapter_service.artifact import StatisticSpec
@@ -287,13 +294,30 @@ def test_plugin_refuses_a_statistic_it_cannot_compute(tmp_path: Path) -> None:
     finally:
         server.stop()
     check_model(model, manifest)  # the real one fits
-    for spec, message in (
-        (StatisticSpec("sentence_encoder", 64), "'sentence_encoder' is not computed here"),
-        (StatisticSpec("mean_hidden_state", 64, params={"layer": "5"}), "the model has 2"),
-        (StatisticSpec("mean_input_embedding", 64, normalization="none"), "expected 'l2'"),
+    encoder, words = {"encoder": str(encoder_dir)}, word_tokenizer()
+    check_model(
+        model,
+        dataclasses.replace(manifest, statistic=StatisticSpec("sentence_encoder", 32, params=encoder)),
+        tokenizer=words,
+    )
+    for spec, tokenizer, message in (
+        (StatisticSpec("tf_idf", 64), words, "'tf_idf' is not computed here"),
+        (StatisticSpec("sentence_encoder", 32, params=encoder), None, r"attach\(\.\.\., tokenizer=\)"),
+        (
+            StatisticSpec("sentence_encoder", 64, params=encoder),
+            words,
+            "artifact expects 64, this plugin computes 32",
+        ),
+        (
+            StatisticSpec("sentence_encoder", 32, params={"encoder": "/nowhere"}),
+            words,
+            "cannot load sentence encoder",
+        ),
+        (StatisticSpec("mean_hidden_state", 64, params={"layer": "5"}), words, "the model has 2"),
+        (StatisticSpec("mean_input_embedding", 64, normalization="none"), words, "expected 'l2'"),
     ):
         with pytest.raises(ManifestMismatch, match=message):
-            check_model(model, dataclasses.replace(manifest, statistic=spec))
+            check_model(model, dataclasses.replace(manifest, statistic=spec), tokenizer=tokenizer)
 
 
 def _fresh(model):
@@ -308,7 +332,7 @@ def test_statistic_cache_computes_each_prompt_once_and_never_for_a_static_lora(m
     calls = []
     real = training.batch_statistics
     monkeypatch.setattr(
-        training, "batch_statistics", lambda m, p, s=None: calls.append(len(p)) or real(m, p, s)
+        training, "batch_statistics", lambda m, p, s=None, t=None: calls.append(len(p)) or real(m, p, s, t)
     )
     cache = training.StatisticCache(model, None)
     data = synthetic(6, 0)

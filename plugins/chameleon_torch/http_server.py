@@ -694,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _attach(model: Any, address: str, deadline_s: float) -> Any:
+def _attach(model: Any, tokenizer: Any, address: str, deadline_s: float) -> Any:
     """Attach the plugin; returns None (base model) when that is impossible for a reason other than a
     model/artifact mismatch, which raises."""
     from adapter_service.client import AdapterClient
@@ -702,7 +702,7 @@ def _attach(model: Any, address: str, deadline_s: float) -> Any:
 
     try:
         client = AdapterClient(address, timeout=deadline_s)
-        return attach(model, client, PluginConfig(deadline_s=deadline_s))
+        return attach(model, client, PluginConfig(deadline_s=deadline_s), tokenizer=tokenizer)
     except ManifestMismatch:
         raise
     except Exception:
@@ -736,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         from chameleon_torch import ManifestMismatch
 
         try:
-            handle = _attach(model, args.sidecar, args.deadline_ms / 1000.0)
+            handle = _attach(model, tokenizer, args.sidecar, args.deadline_ms / 1000.0)
         except ManifestMismatch as exc:
             log.error("%s", exc)
             return 2

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -30,7 +31,13 @@ from adapter_service.client import (
     ServiceManifest,
 )
 from adapter_service.model_spec import embedding_sha256, fingerprint, linear_shape
-from adapter_service.statistics import compute_statistic, decoder_layers, statistic_layer
+from adapter_service.statistics import (
+    SENTENCE_ENCODER,
+    compute_statistic,
+    decoder_layers,
+    statistic_dim,
+    statistic_layer,
+)
 from chameleon_torch.cache import AdapterCache
 from chameleon_torch.config import PluginConfig
 from chameleon_torch.layer import BatchBank, HookedModel, lora_factors
@@ -64,8 +71,12 @@ class BatchAdaptation:
     seconds: float = 0.0  # statistic + sidecar + install
 
 
-def check_model(model: nn.Module, manifest: ServiceManifest, check_weights: bool = True) -> None:
-    """Raise ManifestMismatch listing every way the model differs from what the artifact expects."""
+def check_model(
+    model: nn.Module, manifest: ServiceManifest, check_weights: bool = True, tokenizer: Any = None
+) -> None:
+    """Raise ManifestMismatch listing every way the model differs from what the artifact expects.
+
+    `tokenizer`: the model's; only a sentence-encoder statistic needs it (to decode prompts)."""
     problems = []
     stat = manifest.statistic
     try:
@@ -75,6 +86,13 @@ def check_model(model: nn.Module, manifest: ServiceManifest, check_weights: bool
         if layer is not None and layer > len(decoder_layers(model)):
             raise ValueError(
                 f"statistic.params.layer: {layer}, but the model has {len(decoder_layers(model))}"
+            )
+        if stat.kind == SENTENCE_ENCODER and tokenizer is None:
+            raise ValueError("it decodes prompts to text; attach(..., tokenizer=) the model's tokenizer")
+        expected_dim = statistic_dim(model, stat)  # loads a sentence encoder: fails here, not per batch
+        if stat.dim != expected_dim:
+            problems.append(
+                f"statistic.dim: artifact expects {stat.dim}, this plugin computes {expected_dim}"
             )
     except ValueError as exc:
         problems.append(
@@ -87,8 +105,6 @@ def check_model(model: nn.Module, manifest: ServiceManifest, check_weights: bool
                 f"base_model.{field}: model has {getattr(fp, field)!r}, artifact expects "
                 f"{getattr(want, field)!r}"
             )
-    if stat.dim != fp.hidden_size:
-        problems.append(f"statistic.dim: artifact expects {stat.dim}, model embeddings have {fp.hidden_size}")
     modules = dict(model.named_modules())
     for name, d_in, d_out in manifest.targets:
         if name not in modules:
@@ -123,8 +139,10 @@ class AdapterHandle:
         client: AdapterClient,
         config: PluginConfig,
         metrics: PluginMetrics | None = None,
+        tokenizer: Any = None,
     ) -> None:
         self.model = model
+        self.tokenizer = tokenizer
         self.client = client
         self.config = config
         self.metrics = metrics or PluginMetrics()
@@ -136,7 +154,7 @@ class AdapterHandle:
 
     # -- manifest ---------------------------------------------------------------------------------
     def _install_manifest(self, manifest: ServiceManifest) -> None:
-        check_model(self.model, manifest, self.config.check_weights)
+        check_model(self.model, manifest, self.config.check_weights, self.tokenizer)
         if self._hooks is not None:
             self._hooks.remove()
         self.manifest = manifest
@@ -215,6 +233,7 @@ class AdapterHandle:
             manifest.statistic,
             input_ids.to(device),
             None if attention_mask is None else attention_mask.to(device),
+            tokenizer=self.tokenizer,
         )
         held = self.cache.keys(self.config.max_held_keys)
         called = time.perf_counter()
@@ -320,15 +339,18 @@ def attach(
     client: AdapterClient,
     config: PluginConfig | None = None,
     metrics: PluginMetrics | None = None,
+    tokenizer: Any = None,
 ) -> AdapterHandle:
     """Check `model` against the service's manifest and hook its target modules.
+
+    `tokenizer` (the model's) is needed only for an artifact with a sentence-encoder statistic.
 
     Raises ManifestMismatch when the artifact was made for another model. When the service cannot
     be reached, the handle is returned anyway: batches run on the base model (counted as
     `no_manifest`) until the service answers, and the model is checked then.
     """
     config = config or PluginConfig()
-    handle = AdapterHandle(model, client, config, metrics)
+    handle = AdapterHandle(model, client, config, metrics, tokenizer)
     try:
         manifest = client.manifest(timeout=config.manifest_timeout_s, refresh=True)
     except AdapterServiceError as exc:

@@ -63,7 +63,7 @@ def parse_adapt_request(request: pb.AdaptRequest, manifest: Manifest, limits: Li
             invalid,
             "statistics.shape",
             f"D = {d}; expected D = {manifest.statistic.dim} ({manifest.statistic.kind} of "
-            f"{manifest.base_model.architecture})",
+            f"{manifest.statistic.params.get('encoder') or manifest.base_model.architecture})",
         )
     stats = stats.astype(np.float32, copy=False)  # float32 on the wire (the usual case): no copy
     finite = np.isfinite(stats)

@@ -229,14 +229,21 @@ def run_study(
             "best_validation_nll": result.best_validation_nll,
         }
 
+    run_seconds: dict[str, float | None] = {}  # per saved run: the compute it took (None: not recorded)
+
     def cached(name: str, seed: int, compute) -> dict | None:
         path = runs / f"{name}-seed{seed}.json"
         if path.exists():
-            return json.loads(path.read_text())
-        if only is not None and name not in only:
+            record = json.loads(path.read_text())
+        elif only is not None and name not in only:
             return None
-        record = compute()
-        path.write_text(json.dumps(record) + "\n")
+        else:
+            started = time.perf_counter()
+            record = compute()
+            # Kept in the run itself: a worker killed after writing some runs leaves no invocation time.
+            record["run_seconds"] = time.perf_counter() - started
+            path.write_text(json.dumps(record) + "\n")
+        run_seconds[path.stem] = record.get("run_seconds")
         return record
 
     base = cached("base", 0, lambda: {"per_doc": score(None, FixedK(1)).tolist()})
@@ -318,6 +325,12 @@ def run_study(
     if only is not None:
         return {"computed_only": sorted(only)}
     report = summarise(records, len(test_examples), config, hyper_params, big_rank)
+    timed = [t for t in run_seconds.values() if t is not None]
+    report["run_seconds"] = {
+        "total": float(sum(timed)),
+        "runs": len(run_seconds),
+        "untimed": len(run_seconds) - len(timed),
+    }
     if all(e.label is not None for e in test_examples):  # where each method gains: mean NLL per label
         labels_of = np.array([e.label for e in test_examples])
         per_doc = {name: _seed_mean(runs) for name, runs in records.items()}

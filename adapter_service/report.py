@@ -94,6 +94,13 @@ def write_report(
     if wall_seconds is not None:
         runs = f" over {invocations} invocations (resumed)" if invocations > 1 else ""
         lines += [f"Wall time: {wall_seconds / 60:.1f} min{runs}."]
+    timing = report.get("run_seconds")
+    if timing and timing["runs"]:
+        untimed = f"; {timing['untimed']} saved before runs were timed" if timing["untimed"] else ""
+        lines += [
+            f"Compute of the runs used: {timing['total'] / 60:.1f} min over {timing['runs']} runs{untimed} "
+            "(counts workers stopped after saving runs, which the wall time misses)."
+        ]
     lines += ["", "![report](report.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     _plot(methods, out / "report.png")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ from test_training import synthetic
 
 from adapter_service.clustering import FixedK
 from adapter_service.evaluation import StudyConfig, bootstrap_ci, run_study
+from adapter_service.report import write_report
 from conftest import tiny_llama
 
 
@@ -68,6 +70,17 @@ def test_study_runs_every_method_and_resumes(tmp_path: Path) -> None:
     assert again["latency_per_batch"]["base_forward_ms"] > 0
     assert set(again["per_label"]["per-domain experts"]) == {"d0", "d1", "d2"}
     assert again["grouping"]["labels"] == 3 and again["grouping"]["knn_accuracy"] > 0.6  # chance: 1/3
+    # Each saved run carries its own compute time, so a resumed study still knows what it cost.
+    timing = report["run_seconds"]
+    assert timing["runs"] == len(files) and timing["untimed"] == 0 and timing["total"] > 0
+    assert again["run_seconds"] == timing
+    old = files[0]
+    record = json.loads(old.read_text())
+    del record["run_seconds"]  # a run saved before runs were timed
+    old.write_text(json.dumps(record))
+    assert run_study(*args, progress=False)["run_seconds"]["untimed"] == 1
+    write_report(again, tmp_path / "study", "chameleon eval ...", 12.0, invocations=2)
+    assert "Compute of the runs used:" in (tmp_path / "study" / "report.md").read_text()
 
 
 def quick_config(**overrides) -> StudyConfig:

@@ -250,6 +250,9 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         batching=args.batching,
         statistic=plan.manifest_base["statistic"],
+        schedule=args.schedule,
+        warmup_steps=args.warmup_steps,
+        clip_grad_norm=args.clip_grad_norm,
     )
     result = train(
         model,
@@ -283,6 +286,9 @@ def _train(args: argparse.Namespace) -> int:
         "network": args.network,
         "bases": args.bases,
         "lr": args.lr,
+        "schedule": args.schedule,
+        "warmup_steps": args.warmup_steps,
+        "clip_grad_norm": args.clip_grad_norm,
         "batch_size": args.batch_size,
         "command": "chameleon " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }
@@ -323,6 +329,9 @@ def _eval(args: argparse.Namespace) -> int:
         bases=args.bases,
         routing_sharpness=args.routing_sharpness,
         train_policy=_train_policy(args),
+        schedule=args.schedule,
+        warmup_steps=args.warmup_steps,
+        clip_grad_norm=args.clip_grad_norm,
     )
     out = Path(args.out)
     report = run_study(
@@ -463,6 +472,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--eval-every", type=int, default=10)
         p.add_argument("--patience", type=int, default=3)
         p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument(
+            "--schedule",
+            choices=("constant", "cosine"),
+            default="constant",
+            help="learning rate after the warm-up: constant, or cosine decay to zero at --steps",
+        )
+        p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
+        p.add_argument(
+            "--clip-grad-norm",
+            type=float,
+            default=None,
+            help="clip the gradient's global norm (default: off)",
+        )
         p.add_argument(
             "--max-delta-norm",
             type=float,

@@ -74,6 +74,10 @@ class StudyConfig:
     network: str = "full"
     bases: int = 1
     routing_sharpness: float = 0.3  # mixture only (HyperNetworkConfig.routing_sharpness)
+    # Optimisation, for every method (training.TrainConfig)
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    clip_grad_norm: float | None = None
 
 
 def batch_latency(
@@ -208,6 +212,9 @@ def run_study(
             seed=seed,
             statistic=spec,
             batching=config.batching,
+            schedule=config.schedule,
+            warmup_steps=config.warmup_steps,
+            clip_grad_norm=config.clip_grad_norm,
         )
         started = time.perf_counter()
         result = train(

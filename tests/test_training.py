@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from adapter_service.training import (
     batch_statistics,
     batches,
     continuation_nll,
+    lr_factor,
     mean_nll,
     train,
 )
@@ -96,6 +98,86 @@ def test_training_lowers_the_validation_loss(kind: str) -> None:
     assert after < 0.95 * before.sum() / (len(before) * length)  # at least 5% lower per token
     assert result.history[0]["validation_nll"] > after
     assert not any(m._forward_hooks for m in model.modules())  # training leaves the model as it was
+
+
+def test_lr_factor_warms_up_then_holds_or_decays_to_zero() -> None:
+    assert [lr_factor(s, "constant", 4, 20) for s in (1, 2, 4, 5, 20)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    cosine = [lr_factor(s, "cosine", 4, 20) for s in range(1, 21)]
+    assert cosine[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in itertools.pairwise(cosine[3:]))  # non-increasing after warm-up
+    assert cosine[11] == pytest.approx(0.5)  # half-way through the decay
+    assert cosine[-1] == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(1, "constant", 0, 20) == 1.0
+    with pytest.raises(ValueError, match="schedule: expected one of constant, cosine, got 'step'"):
+        lr_factor(1, "step", 0, 20)
+
+
+def test_training_clips_the_gradient_and_follows_the_schedule(monkeypatch) -> None:
+    """Every step clips the generator's gradient to the configured norm and sets the scheduled rate."""
+    model, plan, network = setup("zero")
+    norms: list[float] = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        total = real_clip(parameters, max_norm, *args, **kwargs)
+        after = torch.norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
+        norms.append(float(after))
+        assert max_norm == 0.05
+        return total
+
+    rates: list[float] = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    config = TrainConfig(
+        policy=FixedK(3),
+        batch_size=12,
+        lr=1e-2,
+        max_steps=6,
+        eval_every=3,
+        patience=10,
+        schedule="cosine",
+        warmup_steps=2,
+        clip_grad_norm=0.05,
+    )
+    train(
+        model,
+        network,
+        plan.group_modules,
+        plan.manifest_base["scaling"],
+        synthetic(36, 1),
+        synthetic(12, 2),
+        config,
+        progress=False,
+    )
+    assert len(norms) == 6 and max(norms) <= 0.05 * (1 + 1e-5)
+    assert rates == pytest.approx([1e-2 * lr_factor(s, "cosine", 2, 6) for s in range(1, 7)])
+
+
+def test_training_refuses_a_bad_schedule_or_clip_before_it_starts() -> None:
+    model, plan, network = setup("zero")
+    for bad, match in (
+        ({"schedule": "linear"}, "schedule: expected one of constant, cosine"),
+        ({"clip_grad_norm": 0.0}, "clip_grad_norm: expected a positive number"),
+    ):
+        config = TrainConfig(policy=FixedK(3), batch_size=12, max_steps=2, **bad)
+        with pytest.raises(ValueError, match=match):
+            train(
+                model,
+                network,
+                plan.group_modules,
+                plan.manifest_base["scaling"],
+                synthetic(36, 1),
+                synthetic(12, 2),
+                config,
+                progress=False,
+            )
 
 
 def test_changing_only_the_continuation_does_not_change_the_adapter() -> None:

@@ -232,6 +232,7 @@ def _train(args: argparse.Namespace) -> int:
         kind=args.network,
         bases=args.bases,
         routing_sharpness=args.routing_sharpness,
+        shared_bases=args.shared_bases,
     )
     torch.manual_seed(args.seed)
     network = (
@@ -285,6 +286,7 @@ def _train(args: argparse.Namespace) -> int:
         "train_k": args.train_k,
         "network": args.network,
         "bases": args.bases,
+        "shared_bases": args.shared_bases,
         "lr": args.lr,
         "schedule": args.schedule,
         "warmup_steps": args.warmup_steps,
@@ -328,6 +330,7 @@ def _eval(args: argparse.Namespace) -> int:
         network=args.network,
         bases=args.bases,
         routing_sharpness=args.routing_sharpness,
+        shared_bases=args.shared_bases,
         train_policy=_train_policy(args),
         schedule=args.schedule,
         warmup_steps=args.warmup_steps,
@@ -512,6 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
             "(--bases LoRAs of --rank each, mixed by the centroid's distance to learned prototypes)",
         )
         p.add_argument("--bases", type=int, default=6, help="mixture: number of LoRA bases")
+        p.add_argument(
+            "--shared-bases",
+            type=int,
+            default=0,
+            help="mixture: how many of the bases are always on (a static LoRA inside the mixture)",
+        )
         p.add_argument(
             "--routing-sharpness",
             type=float,

@@ -74,6 +74,7 @@ class StudyConfig:
     network: str = "full"
     bases: int = 1
     routing_sharpness: float = 0.3  # mixture only (HyperNetworkConfig.routing_sharpness)
+    shared_bases: int = 0  # mixture only: bases always on (HyperNetworkConfig.shared_bases)
     # Optimisation, for every method (training.TrainConfig)
     schedule: str = "constant"
     warmup_steps: int = 0
@@ -167,6 +168,7 @@ def run_study(
         kind=config.network,
         bases=config.bases,
         routing_sharpness=config.routing_sharpness,
+        shared_bases=config.shared_bases,
     )
     spec = plan.manifest_base["statistic"]
     statistics = StatisticCache(model, spec, tokenizer=tokenizer)

@@ -94,6 +94,7 @@ def plan_export(
     kind: str = "full",
     bases: int = 1,
     routing_sharpness: float = 0.3,
+    shared_bases: int = 0,
 ) -> ExportPlan:
     """`max_delta_norm` c caps every emitted delta at ||s B A||_F <= c ||W||_F (needs real weights).
     `statistic`: `embedding` (mean input embedding), `hidden:L` (mean hidden state after layer L; every
@@ -135,6 +136,7 @@ def plan_export(
         kind=kind,
         bases=bases,
         routing_sharpness=routing_sharpness,
+        shared_bases=shared_bases,
     )
     check_kind(config)
     manifest_base = {

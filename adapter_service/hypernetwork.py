@@ -55,6 +55,9 @@ class HyperNetworkConfig:
     # (0.3: soft, top weight ~0.3 of 6 bases; 4: nearly hard, ~0.9). Measured: soft ties a static LoRA
     # of the same rank, hard loses (docs/adaptation.md).
     routing_sharpness: float = 0.3
+    # mixture: how many of the `bases` are always on (weight 1, not routed), a static LoRA inside the
+    # mixture; the other bases - shared_bases are routed. 0: every basis is routed.
+    shared_bases: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -128,6 +131,11 @@ def check_kind(config: HyperNetworkConfig) -> None:
         or (config.kind == "mixture" and config.rank % m)
     ):
         raise ValueError(f"bases: expected a positive divisor of rank {config.rank}, got {m!r}")
+    s = config.shared_bases
+    if isinstance(s, bool) or not isinstance(s, int) or s < 0 or (config.kind == "mixture" and s >= m):
+        raise ValueError(f"shared_bases: expected an integer in 0..{m - 1} (bases - 1), got {s!r}")
+    if config.kind != "mixture" and s:
+        raise ValueError(f"shared_bases: only a mixture has bases to share; expected 0, got {s!r}")
     if not config.routing_sharpness > 0:
         raise ValueError(f"routing_sharpness: expected a positive number, got {config.routing_sharpness!r}")
 
@@ -184,7 +192,9 @@ class MixtureHyperNetwork(AdapterGenerator):
 
     weights = bases * softmax(-||x - p_m||^2 / t), with x the standardised centroid, p_m learned
     prototypes and t a learned temperature; A = [A_1; ...; A_M], B = [w_1 B_1, ..., w_M B_M]. Uniform
-    weights make it a static LoRA of rank `rank`: all it adds over one is the routing. Call
+    weights make it a static LoRA of rank `rank`: all it adds over one is the routing. With
+    `shared_bases` S, the first S bases always have weight 1 and the softmax (scaled to M - S) routes
+    the rest: a static LoRA plus routed ones, so routing only has to add to what a static LoRA does. Call
     `fit_statistics` with the training statistics before training; the fitted mean, spread and
     prototypes live in the state dict and in the exported graph.
     """
@@ -197,9 +207,10 @@ class MixtureHyperNetwork(AdapterGenerator):
             raise ValueError(f"init: got {config.init!r}, expected 'zero' or 'random'")
         r = config.rank // m
         d = config.stat_dim
+        self.routed = m - config.shared_bases
         self.register_buffer("stat_mean", torch.zeros(d))
         self.register_buffer("stat_scale", torch.ones(d))
-        self.prototypes = nn.Parameter(torch.randn(m, d))
+        self.prototypes = nn.Parameter(torch.randn(self.routed, d))
         self.log_temperature = nn.Parameter(torch.tensor(float(d) ** 0.5).log())
         self.a = nn.ParameterList(
             [nn.Parameter(torch.randn(g.num_modules, m, r, g.d_in) / g.d_in**0.5) for g in config.groups]
@@ -219,27 +230,33 @@ class MixtureHyperNetwork(AdapterGenerator):
         stats = stats.detach().float().cpu()
         if stats.ndim != 2 or stats.shape[1] != self.config.stat_dim:
             raise ValueError(f"stats: expected [N, {self.config.stat_dim}], got {list(stats.shape)}")
-        if stats.shape[0] < self.config.bases:
-            raise ValueError(f"stats: need at least bases={self.config.bases} rows, got {stats.shape[0]}")
+        routed = self.routed
+        if stats.shape[0] < routed:
+            raise ValueError(
+                f"stats: need at least {routed} rows (one per routed basis), got {stats.shape[0]}"
+            )
         self.stat_mean.copy_(stats.mean(0))
         self.stat_scale.copy_(stats.std(0).clamp_min(1e-6))
         x = (stats - self.stat_mean) / self.stat_scale
         # The service's k-means (cosine) on the standardised statistics; prototypes are member means.
-        groups = torch.from_numpy(cluster(x.numpy(), FixedK(self.config.bases), seed=seed).assignments)
+        groups = torch.from_numpy(cluster(x.numpy(), FixedK(routed), seed=seed).assignments)
         prototypes = torch.stack([x[groups == j].mean(0) for j in torch.unique(groups)])
-        if prototypes.shape[0] < self.config.bases:  # fewer distinct statistics than bases
+        if prototypes.shape[0] < routed:  # fewer distinct statistics than routed bases
             extra = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))]
-            prototypes = torch.cat([prototypes, extra[: self.config.bases - prototypes.shape[0]]])
+            prototypes = torch.cat([prototypes, extra[: routed - prototypes.shape[0]]])
         self.prototypes.copy_(prototypes)
         nearest = torch.cdist(x, prototypes).pow(2).topk(min(2, len(prototypes)), largest=False).values
         gap = (nearest[:, -1] - nearest[:, 0]).mean() if len(prototypes) > 1 else nearest.mean()
         self.log_temperature.copy_((gap / self.config.routing_sharpness).clamp_min(1e-6).log())
 
     def weights(self, centroids: torch.Tensor) -> torch.Tensor:
-        """[K, bases] basis weights (summing to `bases`)."""
+        """[K, bases] basis weights (summing to `bases`; the shared ones are 1)."""
         x = (centroids - self.stat_mean) / self.stat_scale
         distance = (x[:, None, :] - self.prototypes[None, :, :]).pow(2).sum(-1)
-        return self.config.bases * torch.softmax(-distance / self.log_temperature.exp(), dim=-1)
+        routed = self.routed * torch.softmax(-distance / self.log_temperature.exp(), dim=-1)
+        if self.config.shared_bases == 0:
+            return routed
+        return torch.cat([routed.new_ones(routed.shape[0], self.config.shared_bases), routed], dim=-1)
 
     def forward(self, centroids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         k = centroids.shape[0]

@@ -101,5 +101,31 @@ def test_bad_bases_and_kinds_are_refused_up_front() -> None:
     _, network = mixture()
     with pytest.raises(ValueError, match=r"stats: expected \[N, 64\]"):
         network.fit_statistics(torch.randn(10, 3))
-    with pytest.raises(ValueError, match="at least bases=2 rows"):
+    with pytest.raises(ValueError, match=r"at least 2 rows \(one per routed basis\)"):
         network.fit_statistics(torch.randn(1, 64))
+    with pytest.raises(ValueError, match=r"shared_bases: expected an integer in 0..1 \(bases - 1\), got 2"):
+        mixture(rank=4, bases=2, shared_bases=2)
+    with pytest.raises(ValueError, match="shared_bases: only a mixture has bases to share"):
+        plan_export(tiny_llama(), ["q_proj"], rank=4, shared_bases=1)
+
+
+def test_shared_bases_are_always_on_and_the_rest_are_routed(tmp_path: Path) -> None:
+    """A static LoRA inside the mixture: the shared bases keep weight 1 whatever the centroid, the
+    routed ones still tell the two groups apart, and the whole thing exports with parity."""
+    plan, network = mixture(rank=6, bases=3, shared_bases=1, routing_sharpness=4.0)
+    stats = two_groups(40)
+    with torch.no_grad():
+        network.fit_statistics(stats)
+        weights = network.weights(stats)
+    assert network.prototypes.shape == (2, 64)
+    torch.testing.assert_close(weights[:, 0], torch.ones(40))
+    torch.testing.assert_close(weights[:, 1:].sum(1), torch.full((40,), 2.0))
+    routed = weights[:, 1:].argmax(1)
+    assert set(routed[0::2].tolist()) != set(routed[1::2].tolist())
+    artifact = export_artifact(network.eval(), plan, tmp_path / "a")
+    assert artifact.manifest.hypernetwork["config"]["shared_bases"] == 1
+    got = HyperNetworkRuntime(artifact).generate(stats[:5].numpy())
+    with torch.no_grad():
+        want = network(stats[:5])
+    for i, group in enumerate(artifact.manifest.groups):
+        np.testing.assert_allclose(got[group.name].b, want[2 * i + 1].numpy(), rtol=1e-5, atol=1e-6)

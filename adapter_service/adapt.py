@@ -1,7 +1,9 @@
 """The Adapt computation as plain functions: cluster the batch, run the hyper-network, pack tensors.
 
 Kept free of gRPC plumbing so it can be tested and benchmarked directly; the servicer only calls it.
-The hyper-network runs only for clusters whose adapter the caller does not already hold.
+The hyper-network runs only for clusters whose adapter the caller does not already hold. In the
+mixture's compact form (compact.py) each cluster is its basis weights, and the bases go out once per
+caller (until it holds `bases_key`).
 """
 
 from __future__ import annotations
@@ -23,13 +25,21 @@ _TENSOR_OVERHEAD = 64
 _MODULE_OVERHEAD = 64
 
 
-def adapter_key(artifact_sha256: str, dtype: int, centroid: np.ndarray) -> str:
-    """Same artifact, dtype and centroid -> same key, and (the network being deterministic) same tensors."""
+def adapter_key(artifact_sha256: str, dtype: int, centroid: np.ndarray, compact: bool = False) -> str:
+    """Same artifact, dtype, form and centroid -> same key, and (the network being deterministic) same
+    tensors. The compact form rounds B differently in half precision, so it has keys of its own."""
     digest = hashlib.sha256()
     digest.update(artifact_sha256.encode())
     digest.update(codec.dtype_name(dtype).encode())
+    if compact:
+        digest.update(b"compact")
     digest.update(np.ascontiguousarray(centroid, dtype="<f4").tobytes())
     return digest.hexdigest()[:32]
+
+
+def bases_key(artifact_sha256: str, dtype: int) -> str:
+    """The key of a mixture artifact's bases in one dtype (compact form)."""
+    return hashlib.sha256(f"{artifact_sha256}:{codec.dtype_name(dtype)}:bases".encode()).hexdigest()[:32]
 
 
 def adapt(
@@ -40,10 +50,16 @@ def adapt(
     grouping = cluster(call.statistics, call.policy, seed=seed)
     clustered = time.perf_counter()
 
-    keys = [adapter_key(runtime.artifact.sha256, call.dtype, c) for c in grouping.centroids]
+    keys = [adapter_key(runtime.artifact.sha256, call.dtype, c, call.compact) for c in grouping.centroids]
     needed = [i for i, key in enumerate(keys) if key not in call.held_keys]
-    _check_response_size(len(needed), grouping.k, call, runtime, limits)
-    generated = runtime.generate(grouping.centroids[needed]) if needed else {}
+    shared_key = bases_key(runtime.artifact.sha256, call.dtype) if call.compact else ""
+    send_bases = bool(call.compact and needed and shared_key not in call.held_keys)
+    _check_response_size(len(needed), grouping.k, call, runtime, limits, send_bases)
+    if call.compact:
+        generated = {}
+        weights = runtime.mixture_weights(grouping.centroids[needed]) if needed else None
+    else:
+        generated = runtime.generate(grouping.centroids[needed]) if needed else {}
     generated_at = time.perf_counter()
 
     # One vectorised cast per group instead of one per tensor.
@@ -53,7 +69,15 @@ def adapt(
         for name, out in generated.items()
     }
 
-    response = pb.AdaptResponse(assignments=grouping.assignments.tolist(), artifact_id=manifest.artifact_id)
+    response = pb.AdaptResponse(
+        assignments=grouping.assignments.tolist(), artifact_id=manifest.artifact_id, bases_key=shared_key
+    )
+    if send_bases:
+        for group in manifest.groups:
+            shared = runtime.bases[group.name]
+            a, b = shared.a.astype(wire_dtype, copy=False), shared.b.astype(wire_dtype, copy=False)
+            for layer, module in enumerate(group.modules):
+                response.bases.add(module=module, a=codec.encode(a[layer]), b=codec.encode(b[layer]))
     row_of = {cluster_index: row for row, cluster_index in enumerate(needed)}
     for index in range(grouping.k):
         entry = response.clusters.add(index=index, size=int(grouping.sizes[index]), adapter_key=keys[index])
@@ -61,6 +85,9 @@ def adapt(
             entry.omitted = True
             continue
         row = row_of[index]
+        if call.compact:
+            entry.basis_weights.extend(weights[row].tolist())
+            continue
         for group in manifest.groups:
             a, b = cast[group.name]
             for layer, module in enumerate(group.modules):
@@ -79,17 +106,23 @@ def adapt(
 
 
 def _check_response_size(
-    generated: int, k: int, call: AdaptCall, runtime: HyperNetworkRuntime, limits: Limits
+    generated: int, k: int, call: AdaptCall, runtime: HyperNetworkRuntime, limits: Limits, send_bases: bool
 ):
     """Refuse before doing the work when the answer could not be sent anyway."""
     manifest = runtime.manifest
     itemsize = codec.numpy_dtype(call.dtype).itemsize
     r = manifest.rank
-    per_cluster = sum(
+    whole = sum(
         r * (d_in + d_out) * itemsize + 2 * _TENSOR_OVERHEAD + _MODULE_OVERHEAD + len(name)
         for name, d_in, d_out in manifest.targets
     )
-    estimate = generated * per_cluster + k * 128 + 8 * len(call.statistics) + 256
+    if call.compact:  # the bases (one whole adapter's worth) at most once, then weights per cluster
+        per_cluster = 5 * manifest.mixture.bases + 16
+        estimate = generated * per_cluster + send_bases * whole
+    else:
+        per_cluster = whole
+        estimate = generated * per_cluster
+    estimate += k * 128 + 8 * len(call.statistics) + 256
     if estimate > limits.max_message_bytes:
         raise RequestError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,

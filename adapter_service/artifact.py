@@ -64,6 +64,19 @@ class TargetGroup:
 
 
 @dataclass(frozen=True)
+class MixtureLayout:
+    """Extra ONNX outputs of a mixture generator, so the service can send it compactly: every cluster's
+    A is the same, and its B is the unweighted B with column block m scaled by the cluster's weight m.
+
+    `weights_output` [K, bases]; `basis_b_outputs`, one per group in order, [len(modules), d_out, rank].
+    """
+
+    bases: int
+    weights_output: str
+    basis_b_outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Manifest:
     artifact_id: str
     base_model: Fingerprint
@@ -76,6 +89,7 @@ class Manifest:
     created_by: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+    mixture: MixtureLayout | None = None  # absent: adapters are only sent whole
 
     @property
     def targets(self) -> list[tuple[str, int, int]]:
@@ -85,6 +99,10 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["groups"] = [dict(g, modules=list(g["modules"])) for g in data["groups"]]
+        if self.mixture is None:
+            del data["mixture"]  # artifacts without it keep the hash they had before the field existed
+        else:
+            data["mixture"]["basis_b_outputs"] = list(self.mixture.basis_b_outputs)
         return data
 
     def sha256(self) -> str:
@@ -121,6 +139,7 @@ class Manifest:
             hypernetwork_sha256=_str(data, "hypernetwork_sha256"),
             hypernetwork=_obj(data, "hypernetwork"),
             created_by=_str(data, "created_by", allow_empty=True),
+            mixture=_mixture(data["mixture"], len(groups)) if "mixture" in data else None,
         )
         _require(
             re.fullmatch(r"[0-9a-f]{64}", manifest.hypernetwork_sha256) is not None,
@@ -129,6 +148,12 @@ class Manifest:
         )
         names = [m for g in manifest.groups for m in g.modules]
         _require(len(names) == len(set(names)), "groups[].modules", "each module named once")
+        if manifest.mixture is not None:
+            _require(
+                manifest.rank % manifest.mixture.bases == 0,
+                "mixture.bases",
+                f"a divisor of rank {manifest.rank}",
+            )
         return manifest
 
 
@@ -207,6 +232,23 @@ def _pos_int(data: dict[str, Any], key: str, prefix: str = "") -> int:
         "a positive integer",
     )
     return value
+
+
+def _mixture(data: Any, groups: int) -> MixtureLayout:
+    _require(isinstance(data, dict), "mixture", "a JSON object")
+    outputs = data.get("basis_b_outputs")
+    _require(
+        isinstance(outputs, list)
+        and len(outputs) == groups
+        and all(isinstance(o, str) and o for o in outputs),
+        "mixture.basis_b_outputs",
+        f"a list of {groups} output names, one per group",
+    )
+    return MixtureLayout(
+        bases=_pos_int(data, "bases", "mixture."),
+        weights_output=_str(data, "weights_output", "mixture."),
+        basis_b_outputs=tuple(outputs),
+    )
 
 
 def _group(data: Any, index: int) -> TargetGroup:

@@ -338,7 +338,15 @@ def _eval(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     report = run_study(
-        model, splits.train, splits.validation, splits.test, config, out, only=args.only, tokenizer=tokenizer
+        model,
+        splits.train,
+        splits.validation,
+        splits.test,
+        config,
+        out,
+        only=args.only,
+        tokenizer=tokenizer,
+        skip=args.skip,
     )
     command = "chameleon " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     # A study's wall time is the sum over its invocations, parallel --only workers included.
@@ -548,6 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("base", "static", "static-basis", "static-big", "hyper", "experts"),
         help="compute only these runs and write no report (parallel workers on one --out; then run "
         "once without --only to gather the report)",
+    )
+    eval_p.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        choices=("static-basis", "static-big", "experts"),
+        help="leave these runs out (not computed, not reported; the report lists them)",
     )
     eval_p.set_defaults(func=_eval)
 

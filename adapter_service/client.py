@@ -3,6 +3,10 @@
 The only way plugins talk to the service. Importing this module pulls in grpc, numpy and the codec,
 never onnxruntime, torch or the server, so it is cheap inside a model server. Results are typed and
 checked against the manifest: a response with a wrong shape or dtype raises InvalidResponse.
+
+With a mixture artifact the clients ask for the compact form (compact.py) by default: they keep the
+bases they were sent and rebuild every cluster's adapter from its weights, so callers see whole
+adapters either way, at a fraction of the bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 from adapter_service import codec
 from adapter_service.artifact import Fingerprint, StatisticSpec
 from adapter_service.clustering import AutoK, ClusteringPolicy, FixedK
+from adapter_service.compact import weighted_b
 from adapter_service.proto import adapter_service_pb2 as pb
 from adapter_service.proto import adapter_service_pb2_grpc as pb_grpc
 
@@ -49,6 +54,7 @@ class ServiceManifest:
     max_rows: int
     max_clusters: int
     max_message_bytes: int
+    mixture_bases: int = 0  # > 0: a mixture that Adapt can send in the compact form
 
     @classmethod
     def from_message(cls, m: pb.Manifest) -> ServiceManifest:
@@ -69,6 +75,7 @@ class ServiceManifest:
             max_rows=m.limits.max_rows,
             max_clusters=m.limits.max_clusters,
             max_message_bytes=m.limits.max_message_bytes,
+            mixture_bases=m.mixture.bases if m.HasField("mixture") else 0,
         )
 
 
@@ -84,7 +91,8 @@ class ClusterAdapter:
     size: int
     key: str
     omitted: bool  # the caller holds `key`; `modules` is empty
-    modules: dict[str, ModuleDelta]
+    modules: dict[str, ModuleDelta]  # compact form: rebuilt from the bases (empty with rebuild=False)
+    weights: np.ndarray | None = None  # compact form: float32 [bases], B's column-block weights
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,10 @@ class AdaptResult:
     clusters: tuple[ClusterAdapter, ...]
     timings: dict[str, float]  # server-side seconds per stage
     artifact_id: str
+    # Compact form: the bases' key, and the bases (A, unweighted B per module) when this response
+    # carried them; None when they were held (the client's `bases` cache has them).
+    bases_key: str = ""
+    bases: dict[str, ModuleDelta] | None = None
 
     @property
     def k(self) -> int:
@@ -106,6 +118,7 @@ def build_adapt_request(
     policy: ClusteringPolicy | None = None,
     dtype: str = "float32",
     held_keys: Sequence[str] = (),
+    compact: bool = False,
 ) -> pb.AdaptRequest:
     """statistics: [N, D] numpy array or torch tensor (sent as float32)."""
     if hasattr(statistics, "detach"):  # torch, without importing it
@@ -115,6 +128,7 @@ def build_adapt_request(
         statistics=codec.encode(np.asarray(statistics, dtype=np.float32)),
         dtype=codec.parse_dtype(dtype),
         held_adapter_keys=list(held_keys),
+        compact=compact,
     )
     if isinstance(policy, FixedK):
         request.clustering.fixed.k = policy.k
@@ -126,6 +140,70 @@ def build_adapt_request(
     return request
 
 
+class BasesCache:
+    """The mixture bases a client was sent, by key (a few: one per artifact and dtype in use)."""
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self._entries: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, key: str) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+        return self._entries.get(key)
+
+    def put(self, key: str, bases: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        self._entries.pop(key, None)
+        self._entries[key] = bases
+        while len(self._entries) > self.capacity:
+            del self._entries[next(iter(self._entries))]
+
+
+def _decode_bases(
+    response: pb.AdaptResponse, shapes: dict[str, tuple[int, int]], r: int, dtype: str
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    bases = {}
+    for m in response.bases:
+        if m.module not in shapes:
+            raise InvalidResponse(f"bases: unknown module {m.module!r}")
+        d_in, d_out = shapes[m.module]
+        try:
+            a = codec.decode(m.a, f"bases.{m.module}.a", shape=(r, d_in), dtype=dtype)
+            b = codec.decode(m.b, f"bases.{m.module}.b", shape=(d_out, r), dtype=dtype)
+        except codec.CodecError as exc:
+            raise InvalidResponse(str(exc)) from exc
+        bases[m.module] = (a, b)
+    if len(bases) != len(shapes):
+        raise InvalidResponse(f"bases: {len(bases)} modules, expected {len(shapes)}")
+    return bases
+
+
+def _weights(values: Sequence[float], where: str, manifest: ServiceManifest) -> np.ndarray:
+    if len(values) != manifest.mixture_bases:
+        raise InvalidResponse(
+            f"{where}.basis_weights: {len(values)} values, expected {manifest.mixture_bases}"
+        )
+    w = np.asarray(values, dtype=np.float32)
+    if not np.isfinite(w).all():
+        raise InvalidResponse(f"{where}.basis_weights: non-finite values")
+    return w
+
+
+def _rebuild(w: np.ndarray, bases: dict[str, tuple[Any, Any]], as_torch: bool) -> dict[str, ModuleDelta]:
+    """One cluster's whole adapter from the shared bases and its weights (compact.py)."""
+    modules = {}
+    for name, (a, b) in bases.items():
+        if as_torch:
+            import torch
+
+            scaled = weighted_b(b, torch.from_numpy(w).to(device=b.device, dtype=b.dtype))
+        else:
+            scaled = weighted_b(b, w.astype(b.dtype))
+        modules[name] = ModuleDelta(a, scaled)
+    return modules
+
+
 def parse_adapt_response(
     response: pb.AdaptResponse,
     manifest: ServiceManifest,
@@ -133,8 +211,14 @@ def parse_adapt_response(
     dtype: str,
     as_torch: bool = False,
     device: Any = None,
+    bases_cache: BasesCache | None = None,
+    rebuild: bool = True,
 ) -> AdaptResult:
-    """Check every tensor against the manifest (shape, dtype, byte length) and type the result."""
+    """Check every tensor against the manifest (shape, dtype, byte length) and type the result.
+
+    A compact response's bases are stored in `bases_cache` (and looked up there when the response
+    leaves them out). With `rebuild` each compact cluster comes back as a whole adapter; without,
+    only its weights (for a caller that applies the bases itself, as chameleon_torch does)."""
     assignments = np.asarray(response.assignments, dtype=np.int32)
     k = len(response.clusters)
     if assignments.shape != (n_rows,):
@@ -143,12 +227,40 @@ def parse_adapt_response(
         raise InvalidResponse(f"assignments: values outside 0..{k - 1}")
     shapes = {name: (d_in, d_out) for name, d_in, d_out in manifest.targets}
     r = manifest.rank
+    shared = None  # the bases of a compact response, converted once for this call
+    if response.bases:
+        if not response.bases_key:
+            raise InvalidResponse("bases_key: empty, expected the key of the bases sent")
+        decoded = _decode_bases(response, shapes, r, dtype)
+        if bases_cache is not None:
+            bases_cache.put(response.bases_key, decoded)
+    elif response.bases_key:
+        decoded = bases_cache.get(response.bases_key) if bases_cache is not None else None
+    else:
+        decoded = None
+    if decoded is not None and (rebuild or response.bases):
+        shared = {
+            name: (codec.to_torch(a, device), codec.to_torch(b, device)) if as_torch else (a, b)
+            for name, (a, b) in decoded.items()
+        }
     clusters = []
     for i, c in enumerate(response.clusters):
         if c.index != i:
             raise InvalidResponse(f"clusters[{i}].index: got {c.index}, expected {i}")
         modules = {}
-        if not c.omitted:
+        weights = None
+        if c.basis_weights and not c.omitted:
+            if c.modules:
+                raise InvalidResponse(f"clusters[{i}]: both modules and basis_weights; expected one form")
+            weights = _weights(c.basis_weights, f"clusters[{i}]", manifest)
+            if rebuild:
+                if shared is None:
+                    raise InvalidResponse(
+                        f"clusters[{i}].basis_weights: the bases {response.bases_key!r} were neither "
+                        "sent nor held"
+                    )
+                modules = _rebuild(weights, shared, as_torch)
+        elif not c.omitted:
             for m in c.modules:
                 if m.module not in shapes:
                     raise InvalidResponse(f"clusters[{i}].modules: unknown module {m.module!r}")
@@ -163,10 +275,34 @@ def parse_adapt_response(
                 modules[m.module] = ModuleDelta(a, b)
             if len(modules) != len(shapes):
                 raise InvalidResponse(f"clusters[{i}]: {len(modules)} modules, expected {len(shapes)}")
-        clusters.append(ClusterAdapter(c.index, c.size, c.adapter_key, c.omitted, modules))
+        clusters.append(ClusterAdapter(c.index, c.size, c.adapter_key, c.omitted, modules, weights))
     t = response.timings
     timings = {s: getattr(t, s) for s in ("decode", "cluster", "hypernetwork", "encode", "total")}
-    return AdaptResult(assignments, tuple(clusters), timings, response.artifact_id)
+    sent = (
+        {name: ModuleDelta(a, b) for name, (a, b) in shared.items()}
+        if response.bases and shared is not None
+        else None
+    )
+    return AdaptResult(assignments, tuple(clusters), timings, response.artifact_id, response.bases_key, sent)
+
+
+def _request(
+    statistics: Any,
+    manifest: ServiceManifest,
+    bases: BasesCache,
+    request_ids: Sequence[str] | None,
+    policy: ClusteringPolicy | None,
+    dtype: str,
+    held_keys: Sequence[str],
+    compact: bool | None,
+) -> pb.AdaptRequest:
+    """The request both clients send: compact when asked, or by default when offered, with the keys of
+    the bases already held so they are not sent again."""
+    compact = manifest.mixture_bases > 0 if compact is None else compact
+    held = [*held_keys, *bases.keys()] if compact else list(held_keys)
+    return build_adapt_request(
+        statistics, request_ids=request_ids, policy=policy, dtype=dtype, held_keys=held, compact=compact
+    )
 
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -187,6 +323,7 @@ class AdapterClient:
         self.channel = grpc.insecure_channel(address, options=_channel_options(max_message_bytes))
         self.stub = pb_grpc.AdapterServiceStub(self.channel)
         self._manifest: ServiceManifest | None = None
+        self.bases = BasesCache()
 
     def manifest(self, timeout: float | None = None, refresh: bool = False) -> ServiceManifest:
         if self._manifest is None or refresh:
@@ -205,15 +342,18 @@ class AdapterClient:
         timeout: float | None = None,
         as_torch: bool = False,
         device: Any = None,
+        compact: bool | None = None,
+        rebuild: bool = True,
     ) -> AdaptResult:
-        """One batch's statistics [N, D] -> per-row cluster and per-cluster (A, B) for each target."""
+        """One batch's statistics [N, D] -> per-row cluster and per-cluster (A, B) for each target.
+
+        `compact`: ask for the mixture's compact form; None = whenever the manifest offers it.
+        `rebuild=False`: leave compact clusters as weights (parse_adapt_response)."""
         manifest = self.manifest(timeout)
-        request = build_adapt_request(
-            statistics, request_ids=request_ids, policy=policy, dtype=dtype, held_keys=held_keys
-        )
+        request = _request(statistics, manifest, self.bases, request_ids, policy, dtype, held_keys, compact)
         response = self._call(self.stub.Adapt, request, timeout)
         return parse_adapt_response(
-            response, manifest, request.statistics.shape[0], dtype, as_torch=as_torch, device=device
+            response, manifest, request.statistics.shape[0], dtype, as_torch, device, self.bases, rebuild
         )
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
@@ -251,6 +391,7 @@ class AsyncAdapterClient:
         self.channel = grpc.aio.insecure_channel(address, options=_channel_options(max_message_bytes))
         self.stub = pb_grpc.AdapterServiceStub(self.channel)
         self._manifest: ServiceManifest | None = None
+        self.bases = BasesCache()
 
     async def manifest(self, timeout: float | None = None, refresh: bool = False) -> ServiceManifest:
         if self._manifest is None or refresh:
@@ -269,14 +410,14 @@ class AsyncAdapterClient:
         timeout: float | None = None,
         as_torch: bool = False,
         device: Any = None,
+        compact: bool | None = None,
+        rebuild: bool = True,
     ) -> AdaptResult:
         manifest = await self.manifest(timeout)
-        request = build_adapt_request(
-            statistics, request_ids=request_ids, policy=policy, dtype=dtype, held_keys=held_keys
-        )
+        request = _request(statistics, manifest, self.bases, request_ids, policy, dtype, held_keys, compact)
         response = await self._call(self.stub.Adapt, request, timeout)
         return parse_adapt_response(
-            response, manifest, request.statistics.shape[0], dtype, as_torch=as_torch, device=device
+            response, manifest, request.statistics.shape[0], dtype, as_torch, device, self.bases, rebuild
         )
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:

@@ -146,12 +146,14 @@ def run_study(
     progress: bool = True,
     only: Sequence[str] | None = None,
     tokenizer: Any = None,
+    skip: Sequence[str] = (),
 ) -> dict:
     """Train and score every method for every seed; returns (and writes) the report data.
 
     `only` (run names: base, static, static-basis, static-big, hyper, experts) computes just those runs
     and writes no report: several processes can then share one study directory, each on its own runs,
-    and a last call without `only` gathers everything. `tokenizer`: the model's, for a sentence-encoder
+    and a last call without `only` gathers everything. `skip` (run names) leaves runs out: neither
+    computed nor reported, and the report lists them. `tokenizer`: the model's, for a sentence-encoder
     statistic (statistics.py)."""
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs"
@@ -242,6 +244,8 @@ def run_study(
 
     def cached(name: str, seed: int, compute) -> dict | None:
         path = runs / f"{name}-seed{seed}.json"
+        if name in skip:
+            return None
         if path.exists():
             record = json.loads(path.read_text())
         elif only is not None and name not in only:
@@ -255,8 +259,13 @@ def run_study(
         run_seconds[path.stem] = record.get("run_seconds")
         return record
 
-    base = cached("base", 0, lambda: {"per_doc": score(None, FixedK(1)).tolist()})
-    records: dict[str, list[dict]] = {"base": [base]}
+    records: dict[str, list[dict]] = {}
+
+    def add(method: str, record: dict | None) -> None:
+        if record is not None:
+            records.setdefault(method, []).append(record)
+
+    add("base", cached("base", 0, lambda: {"per_doc": score(None, FixedK(1)).tolist()}))
     rank_config = plan.hypernetwork_config  # the emitted rank
 
     def with_rank(rank: int) -> HyperNetworkConfig:
@@ -277,13 +286,13 @@ def run_study(
                 **facts,
             }
 
-        records.setdefault("static LoRA (same rank)", []).append(cached("static", seed, static_run))
+        add("static LoRA (same rank)", cached("static", seed, static_run))
         if emitted_rank != config.rank:  # a mixture: also the static LoRA of one basis's rank
             one = cached("static-basis", seed, lambda seed=seed: static_run(basis_config, seed))
-            records.setdefault(f"static LoRA (rank {config.rank}, one basis)", []).append(one)
+            add(f"static LoRA (rank {config.rank}, one basis)", one)
         if big_rank != emitted_rank:
             big = cached("static-big", seed, lambda seed=seed: static_run(big_config, seed))
-            records.setdefault(f"static LoRA (rank {big_rank}, ~hyper params)", []).append(big)
+            add(f"static LoRA (rank {big_rank}, ~hyper params)", big)
 
         def hyper_run(seed=seed) -> dict:
             torch.manual_seed(seed)
@@ -315,7 +324,8 @@ def run_study(
                 {"per_doc": per_doc, "params": hyper["params"], "best_step": hyper["best_step"]}
             )
         if config.experts and labels:
-            records.setdefault("per-domain experts", []).append(
+            add(
+                "per-domain experts",
                 cached(
                     "experts",
                     seed,
@@ -329,11 +339,13 @@ def run_study(
                         lambda *a: fit(*a, batch_size=config.expert_batch_size),
                         score,
                     ),
-                )
+                ),
             )
     if only is not None:
         return {"computed_only": sorted(only)}
     report = summarise(records, len(test_examples), config, hyper_params, big_rank)
+    if skip:
+        report["skipped_runs"] = sorted(skip)
     timed = [t for t in run_seconds.values() if t is not None]
     report["run_seconds"] = {
         "total": float(sum(timed)),

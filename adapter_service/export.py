@@ -25,6 +25,7 @@ from adapter_service.artifact import (
     CENTROIDS_INPUT,
     Artifact,
     Manifest,
+    MixtureLayout,
     StatisticSpec,
     TargetGroup,
     write_artifact,
@@ -33,6 +34,7 @@ from adapter_service.hypernetwork import (
     AdapterGenerator,
     GroupShape,
     HyperNetworkConfig,
+    MixtureHyperNetwork,
     build_network,
     check_kind,
 )
@@ -173,6 +175,10 @@ def export_artifact(
 ) -> Artifact:
     """Export `network` to ONNX, check onnxruntime against torch, and write the artifact."""
     network = network.eval()
+    mixture = None
+    if compact_form_exact(network):
+        network = WithMixtureOutputs(network)
+        mixture = network.layout
     onnx_bytes = to_onnx(network)
     error = parity_error(network, onnx_bytes)
     if error > PARITY_TOLERANCE:
@@ -197,9 +203,41 @@ def export_artifact(
             **(facts or {}),
         },
         created_by=f"chameleon-adapters {__version__}",
+        mixture=mixture,
         **plan.manifest_base,
     )
     return write_artifact(out, manifest, onnx_bytes)
+
+
+def compact_form_exact(network: AdapterGenerator) -> bool:
+    """A mixture's adapters are its bases and per-cluster weights, unless a delta-norm cap rescales
+    each cluster's B by a factor of its own (then only whole adapters are exact)."""
+    return isinstance(network, MixtureHyperNetwork) and not any(g.norm_limits for g in network.config.groups)
+
+
+class WithMixtureOutputs(AdapterGenerator):
+    """The mixture as exported: its adapters, then the weights and unweighted B that the service's
+    compact wire form is made of (artifact.MixtureLayout). Training never sees this wrapper."""
+
+    def __init__(self, network: MixtureHyperNetwork) -> None:
+        super().__init__(network.config)
+        self.network = network
+        self.layout = MixtureLayout(
+            bases=network.config.bases,
+            weights_output="mixture_weights",
+            basis_b_outputs=tuple(f"basis_B:{g.name}" for g in network.config.groups),
+        )
+
+    @property
+    def output_names(self) -> list[str]:
+        return [*self.network.output_names, self.layout.weights_output, *self.layout.basis_b_outputs]
+
+    def forward(self, centroids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # A zero-cost dependence on the input makes the constant B's node outputs, not bare initializers
+        # (which the exporter's optimiser warns about).
+        anchor = centroids[:1, :1].sum() * 0.0
+        basis_b = tuple(b + anchor for b in self.network.unweighted_b())
+        return (*self.network(centroids), self.network.weights(centroids), *basis_b)
 
 
 def to_onnx(network: AdapterGenerator) -> bytes:

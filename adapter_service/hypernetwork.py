@@ -258,6 +258,11 @@ class MixtureHyperNetwork(AdapterGenerator):
             return routed
         return torch.cat([routed.new_ones(routed.shape[0], self.config.shared_bases), routed], dim=-1)
 
+    def unweighted_b(self) -> tuple[torch.Tensor, ...]:
+        """Per group, B with every basis at weight 1 [L, d_out, rank]: what the compact wire form sends
+        once, so a cluster is then just its weights (artifact.MixtureLayout)."""
+        return tuple(b.reshape(b.shape[0], b.shape[1], -1) for b in self.b)
+
     def forward(self, centroids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         k = centroids.shape[0]
         w = self.weights(centroids)  # [K, M]

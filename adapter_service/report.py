@@ -38,6 +38,8 @@ def write_report(
             f"{paired(m.get('vs_best_static'))} | {'-' if share is None else f'{share:.0%}'} | "
             f"{seeds} | {m['params']:,} |"
         )
+    if report.get("skipped_runs"):
+        lines += ["", f"Runs left out of this study (`--skip`): {', '.join(report['skipped_runs'])}."]
     headroom = report.get("headroom")
     if headroom:
         gain = headroom["experts_gain_over_best_static"]

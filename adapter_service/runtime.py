@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from adapter_service.artifact import CENTROIDS_INPUT, Artifact, ArtifactError
+from adapter_service.compact import weighted_b
 
 log = logging.getLogger(__name__)
 _ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
@@ -60,8 +61,19 @@ class GroupOutput:
     b: np.ndarray  # [K, L, d_out, r]
 
 
+@dataclass(frozen=True)
+class MixtureBases:
+    """A mixture's shared factors per group: what the compact wire form sends once."""
+
+    a: np.ndarray  # [L, r, d_in], the same for every cluster
+    b: np.ndarray  # [L, d_out, r], every basis at weight 1
+
+
 class HyperNetworkRuntime:
-    """One loaded artifact; `generate` is thread-safe (onnxruntime sessions are)."""
+    """One loaded artifact; `generate` is thread-safe (onnxruntime sessions are).
+
+    For a mixture artifact (manifest.mixture), `bases` holds its shared factors and `mixture_weights`
+    gives each centroid's basis weights: the compact wire form (compact.py)."""
 
     def __init__(self, artifact: Artifact, providers: list[str] | None = None, threads: int = 0) -> None:
         self.artifact = artifact
@@ -75,6 +87,7 @@ class HyperNetworkRuntime:
             ) from exc
         self.providers = self.session.get_providers()
         self._check_signature()
+        self.bases: dict[str, MixtureBases] | None = self._load_mixture_bases()
 
     def generate(self, centroids: np.ndarray) -> dict[str, GroupOutput]:
         """centroids [K, D] float32 -> per group name, A and B stacked over clusters and modules."""
@@ -85,6 +98,55 @@ class HyperNetworkRuntime:
         for i, group in enumerate(self.manifest.groups):
             result[group.name] = GroupOutput(a=outputs[2 * i], b=outputs[2 * i + 1])
         return result
+
+    def mixture_weights(self, centroids: np.ndarray) -> np.ndarray:
+        """centroids [K, D] -> [K, bases] float32 basis weights (mixture artifacts only)."""
+        if self.manifest.mixture is None:
+            raise ValueError(f"artifact {self.manifest.artifact_id} is not a mixture with a compact form")
+        (weights,) = self.session.run(
+            [self.manifest.mixture.weights_output],
+            {CENTROIDS_INPUT: np.ascontiguousarray(centroids, np.float32)},
+        )
+        return weights
+
+    def _load_mixture_bases(self) -> dict[str, MixtureBases] | None:
+        """Read the shared factors once, and refuse an artifact whose compact form would not rebuild
+        exactly the adapters its graph emits."""
+        layout = self.manifest.mixture
+        if layout is None:
+            return None
+        names = {o.name for o in self.session.get_outputs()}
+        missing = [n for n in (layout.weights_output, *layout.basis_b_outputs) if n not in names]
+        if missing:
+            raise ArtifactError(
+                f"hypernetwork.onnx: mixture outputs {missing} named in the manifest are missing"
+            )
+        probe = np.zeros((2, self.manifest.statistic.dim), np.float32)
+        probe[1, 0] = 1.0
+        full = self.generate(probe)
+        outputs = self.session.run([layout.weights_output, *layout.basis_b_outputs], {CENTROIDS_INPUT: probe})
+        weights, basis_b = outputs[0], outputs[1:]
+        if weights.shape != (2, layout.bases):
+            raise ArtifactError(
+                f"hypernetwork.onnx: {layout.weights_output} is {list(weights.shape)}, "
+                f"expected [K, {layout.bases}]"
+            )
+        bases = {}
+        for group, b in zip(self.manifest.groups, basis_b, strict=True):
+            out = full[group.name]
+            rebuilt = weighted_b(b[None], weights[:, None, :])
+            scale = max(float(np.abs(out.b).max()), 1e-30)
+            if (
+                b.shape != out.b.shape[1:]
+                or not np.array_equal(out.a[0], out.a[1])
+                or float(np.abs(rebuilt - out.b).max()) / scale > 1e-5
+            ):
+                raise ArtifactError(
+                    f"hypernetwork.onnx: group {group.name!r}: the mixture's bases and weights do not "
+                    "rebuild the adapters the graph emits; the manifest's mixture layout is wrong"
+                )
+            bases[group.name] = MixtureBases(a=out.a[0], b=b)
+        return bases
 
     @property
     def _output_names(self) -> list[str]:

@@ -49,6 +49,7 @@ def manifest_message(artifact: Artifact, limits: Limits) -> pb.Manifest:
             max_clusters=limits.max_clusters,
             max_message_bytes=limits.max_message_bytes,
         ),
+        mixture=pb.MixtureLayout(bases=m.mixture.bases) if m.mixture is not None else None,
     )
 
 

@@ -43,6 +43,7 @@ class AdaptCall:
     policy: ClusteringPolicy
     dtype: int  # wire dtype of the returned tensors
     held_keys: frozenset[str]
+    compact: bool = False  # the mixture's compact form (compact.py)
 
 
 def parse_adapt_request(request: pb.AdaptRequest, manifest: Manifest, limits: Limits) -> AdaptCall:
@@ -97,12 +98,20 @@ def parse_adapt_request(request: pb.AdaptRequest, manifest: Manifest, limits: Li
             "dtype",
             f"unknown value {dtype}; expected DTYPE_FLOAT32, DTYPE_FLOAT16 or DTYPE_BFLOAT16",
         )
+    if request.compact and manifest.mixture is None:
+        raise RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "compact",
+            f"artifact {manifest.artifact_id} has no compact form (Manifest.mixture is unset: not a mixture, "
+            "or one with a delta-norm cap); expected compact = false",
+        )
     return AdaptCall(
         request_ids=ids,
         statistics=stats,
         policy=_policy(request, limits),
         dtype=dtype,
         held_keys=frozenset(request.held_adapter_keys),
+        compact=request.compact,
     )
 
 

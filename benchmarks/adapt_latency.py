@@ -35,8 +35,10 @@ if str(REPO) not in sys.path:  # runnable as `python benchmarks/adapt_latency.py
 
 from adapter_service.client import AdapterClient, build_adapt_request  # noqa: E402
 from adapter_service.clustering import AutoK  # noqa: E402
-from adapter_service.demo import synthetic_batch  # noqa: E402
 from adapter_service.sidecar import SidecarProcess  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import synthetic_batch  # noqa: E402
 
 CONFIG_PATH = REPO / "adapter_service" / "data" / "smollm2-135m-config.json"
 TARGETS = ("q_proj", "v_proj")
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             "dtypes": list(DTYPES),
             "dim": DIM,
             "policy": {"auto": {"max_k": MAX_K, "min_cluster_size": 1}},
-            "statistics": "adapter_service.demo.synthetic_batch(N, 576, seed) (4 domains)",
+            "statistics": "benchmarks/synthetic.py synthetic_batch(N, 576, seed) (4 domains)",
             "seeds": list(SEEDS),
             "order": "interleaved: each iteration runs every (N, dtype) once, starting at a rotating "
             "position; each fresh call is followed by a cached call (held_keys = its keys)",
@@ -159,7 +161,7 @@ def run_sidecar_benchmark(tmpdir: Path, iters: int, warmup: int):
     # The sidecar child must import this checkout even when it is not installed.
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     grid = [(n, dtype) for n in SIZES for dtype in DTYPES]
-    batches = {(n, seed): synthetic_batch(n, DIM, seed=seed)[0] for n in SIZES for seed in SEEDS}
+    batches = {(n, seed): synthetic_batch(n, DIM, seed=seed) for n in SIZES for seed in SEEDS}
     policy = AutoK(max_k=MAX_K)
     samples = {(n, dtype, path): Samples() for n, dtype in grid for path in PATHS}
     wire: dict[tuple[int, str, str], dict] = {}

@@ -147,6 +147,20 @@ def test_mixture_study_compares_against_statics_of_its_rank_and_of_one_basis(tmp
     assert methods["static LoRA (rank 2, one basis)"]["params"] * 3 == methods["per-domain experts"]["params"]
 
 
+def test_skipped_runs_are_neither_computed_nor_reported(tmp_path: Path) -> None:
+    config = quick_config(network="mixture", bases=3, experts=False, train_policy=FixedK(6))
+    out = tmp_path / "m"
+    report = run_study(
+        tiny_llama(), synthetic(36, 1), synthetic(12, 2), synthetic(12, 3), config, out, skip=["static-basis"]
+    )
+    assert report["skipped_runs"] == ["static-basis"]
+    assert not any(name.startswith("static LoRA (rank 2") for name in report["methods"])
+    assert "static LoRA (same rank)" in report["methods"]
+    assert not list((out / "runs").glob("static-basis-*"))
+    write_report(report, out)
+    assert "Runs left out of this study (`--skip`): static-basis." in (out / "report.md").read_text()
+
+
 def test_only_computes_the_named_runs_and_a_plain_call_gathers_them(tmp_path: Path) -> None:
     """Parallel workers (`only`) each write their own runs and no report; a plain call reuses them all."""
     model = tiny_llama()

@@ -166,7 +166,7 @@ def test_tgi_factors_are_chameleon_torchs_factors_padded() -> None:
     a_t, b_t = layout.tgi_factors(a, b, s)
     assert a_t.shape == (24, 8) and b_t.shape == (8, 40) and a_t.is_contiguous() and b_t.is_contiguous()
     # chameleon_torch's own conversion (the path its forward hooks use), then zero padding.
-    (ref_a, ref_b) = AdapterHandle._to_device(_cluster(a, b), "cpu", torch.float32, s)["m"]
+    (ref_a, ref_b) = AdapterHandle._to_device(_cluster(a, b).modules, "k", "cpu", torch.float32, s)["m"]
     assert torch.equal(a_t[:, :4], ref_a) and torch.equal(b_t[:4], ref_b)
     assert not a_t[:, 4:].any() and not b_t[4:].any()
     x = torch.randn(3, 24)

@@ -13,8 +13,8 @@ import torch
 from adapter_service.artifact import load_artifact, write_artifact
 from adapter_service.client import AdapterClient
 from adapter_service.clustering import FixedK
-from adapter_service.export import make_fresh_artifact, plan_export, to_onnx
-from adapter_service.hypernetwork import HyperNetwork
+from adapter_service.export import export_artifact, make_fresh_artifact, plan_export, to_onnx
+from adapter_service.hypernetwork import HyperNetwork, build_network
 from adapter_service.model_spec import linear_shape
 from adapter_service.sidecar import SidecarProcess
 from adapter_service.statistics import mean_input_embedding
@@ -84,18 +84,38 @@ def gpt2_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     return model_dir, out
 
 
+@pytest.fixture(scope="module")
+def mixture_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A mixture (3 bases, rank 6) for the tiny Llama: the sidecar answers it in the compact form."""
+    model = tiny_llama()
+    plan = plan_export(model, ["q_proj", "v_proj"], rank=6, init="random", kind="mixture", bases=3)
+    torch.manual_seed(0)
+    network = build_network(plan.hypernetwork_config)
+    ids, mask = pad(prompts(1) + prompts(2), "left")
+    network.fit_statistics(mean_input_embedding(model.get_input_embeddings().weight, ids, mask))
+    out = tmp_path_factory.mktemp("mixture-artifact")
+    export_artifact(network.eval(), plan, out)
+    return out
+
+
 def _load(model_dir: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-mixture"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_plugin_equals_merged_weights_row_by_row(
-    arch: str, side: str, llama_dir: Path, artifact_dir: Path, gpt2_artifact
+    arch: str, side: str, llama_dir: Path, artifact_dir: Path, gpt2_artifact, mixture_artifact: Path
 ) -> None:
-    model_dir, art = (llama_dir, artifact_dir) if arch == "llama" else gpt2_artifact
+    """For the mixture, the plugin applies the compact form (one rank-r bank, per-row weights); the
+    reference merges the whole adapters the sidecar sends when asked for them."""
+    model_dir, art = {
+        "llama": (llama_dir, artifact_dir),
+        "gpt2": gpt2_artifact,
+        "llama-mixture": (llama_dir, mixture_artifact),
+    }[arch]
     model = _load(model_dir)
     base = copy.deepcopy(model)
     server = start_server(art)
@@ -106,12 +126,16 @@ def test_plugin_equals_merged_weights_row_by_row(
         with torch.no_grad(), handle.adapt(ids, mask) as batch:
             assert batch.adapted and batch.fallback_reason is None
             assert batch.k == 3 and len(set(batch.assignments.tolist())) == 3
+            bank = handle._hooks.bank
+            compact = arch == "llama-mixture"
+            rank = client.manifest().rank
+            assert all(a.shape[1] == (rank if compact else 3 * rank) for a, _ in bank.factors.values())
             prefill = model(input_ids=ids, attention_mask=mask).logits
             sequences, logits = generate(model, ids, mask)
 
         # The same statistics give the same clusters and tensors (the service is deterministic).
         stats = mean_input_embedding(model.get_input_embeddings().weight, ids, mask)
-        answer = client.adapt(stats, policy=FixedK(3), dtype="float32")
+        answer = client.adapt(stats, policy=FixedK(3), dtype="float32", compact=False)
         assert np.array_equal(answer.assignments, batch.assignments)
         scaling = client.manifest().scaling
         merged = {
@@ -164,6 +188,29 @@ def test_attach_refuses_a_model_the_artifact_was_not_made_for(artifact_dir: Path
     with pytest.raises(ManifestMismatch, match="weights_sha256"):
         attach(other_weights, client)
     attach(other_weights, client, PluginConfig(check_weights=False)).detach()
+
+
+def test_compact_bases_and_weights_are_cached_across_batches(llama_dir: Path, mixture_artifact: Path) -> None:
+    model = _load(llama_dir)
+    server = start_server(mixture_artifact)
+    try:
+        client = AdapterClient(server.address, timeout=10)
+        handle = attach(model, client, PluginConfig(policy=FixedK(3), deadline_s=10))
+        ids, mask = pad(prompts(), "left")
+        outputs = []
+        for _ in range(2):
+            with torch.no_grad(), handle.adapt(ids, mask) as batch:
+                outputs.append(model(input_ids=ids, attention_mask=mask).logits)
+            assert batch.adapted and batch.k == 3
+        m = handle.metrics.registry
+        # first batch: the bases and 3 sets of weights from the sidecar; second: all from the cache
+        assert m.get_sample_value("chameleon_plugin_adapters_total", {"source": "sidecar"}) == 4
+        assert m.get_sample_value("chameleon_plugin_adapters_total", {"source": "cache"}) == 4
+        assert torch.equal(outputs[0], outputs[1])
+        handle.detach()
+        client.close()
+    finally:
+        server.stop()
 
 
 def test_repeated_batch_uses_the_cache_and_the_service_leaves_tensors_out(llama_dir: Path, server) -> None:

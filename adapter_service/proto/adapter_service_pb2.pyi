@@ -86,7 +86,7 @@ class Limits(_message.Message):
     def __init__(self, max_rows: _Optional[int] = ..., max_clusters: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("artifact_id", "artifact_sha256", "base_model", "statistic", "targets", "rank", "scaling", "dtypes", "limits")
+    __slots__ = ("artifact_id", "artifact_sha256", "base_model", "statistic", "targets", "rank", "scaling", "dtypes", "limits", "mixture")
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_SHA256_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class Manifest(_message.Message):
     SCALING_FIELD_NUMBER: _ClassVar[int]
     DTYPES_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    MIXTURE_FIELD_NUMBER: _ClassVar[int]
     artifact_id: str
     artifact_sha256: str
     base_model: ModelFingerprint
@@ -105,7 +106,14 @@ class Manifest(_message.Message):
     scaling: float
     dtypes: _containers.RepeatedScalarFieldContainer[DType]
     limits: Limits
-    def __init__(self, artifact_id: _Optional[str] = ..., artifact_sha256: _Optional[str] = ..., base_model: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., statistic: _Optional[_Union[StatisticSpec, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[TargetModule, _Mapping]]] = ..., rank: _Optional[int] = ..., scaling: _Optional[float] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    mixture: MixtureLayout
+    def __init__(self, artifact_id: _Optional[str] = ..., artifact_sha256: _Optional[str] = ..., base_model: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., statistic: _Optional[_Union[StatisticSpec, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[TargetModule, _Mapping]]] = ..., rank: _Optional[int] = ..., scaling: _Optional[float] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., mixture: _Optional[_Union[MixtureLayout, _Mapping]] = ...) -> None: ...
+
+class MixtureLayout(_message.Message):
+    __slots__ = ("bases",)
+    BASES_FIELD_NUMBER: _ClassVar[int]
+    bases: int
+    def __init__(self, bases: _Optional[int] = ...) -> None: ...
 
 class FixedK(_message.Message):
     __slots__ = ("k",)
@@ -130,18 +138,20 @@ class ClusteringPolicy(_message.Message):
     def __init__(self, fixed: _Optional[_Union[FixedK, _Mapping]] = ..., auto: _Optional[_Union[AutoK, _Mapping]] = ...) -> None: ...
 
 class AdaptRequest(_message.Message):
-    __slots__ = ("request_ids", "statistics", "clustering", "dtype", "held_adapter_keys")
+    __slots__ = ("request_ids", "statistics", "clustering", "dtype", "held_adapter_keys", "compact")
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     STATISTICS_FIELD_NUMBER: _ClassVar[int]
     CLUSTERING_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     HELD_ADAPTER_KEYS_FIELD_NUMBER: _ClassVar[int]
+    COMPACT_FIELD_NUMBER: _ClassVar[int]
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     statistics: Tensor
     clustering: ClusteringPolicy
     dtype: DType
     held_adapter_keys: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., statistics: _Optional[_Union[Tensor, _Mapping]] = ..., clustering: _Optional[_Union[ClusteringPolicy, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., held_adapter_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+    compact: bool
+    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., statistics: _Optional[_Union[Tensor, _Mapping]] = ..., clustering: _Optional[_Union[ClusteringPolicy, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., held_adapter_keys: _Optional[_Iterable[str]] = ..., compact: _Optional[bool] = ...) -> None: ...
 
 class ModuleAdapter(_message.Message):
     __slots__ = ("module", "a", "b")
@@ -154,18 +164,20 @@ class ModuleAdapter(_message.Message):
     def __init__(self, module: _Optional[str] = ..., a: _Optional[_Union[Tensor, _Mapping]] = ..., b: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ClusterAdapter(_message.Message):
-    __slots__ = ("index", "size", "adapter_key", "omitted", "modules")
+    __slots__ = ("index", "size", "adapter_key", "omitted", "modules", "basis_weights")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_KEY_FIELD_NUMBER: _ClassVar[int]
     OMITTED_FIELD_NUMBER: _ClassVar[int]
     MODULES_FIELD_NUMBER: _ClassVar[int]
+    BASIS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     index: int
     size: int
     adapter_key: str
     omitted: bool
     modules: _containers.RepeatedCompositeFieldContainer[ModuleAdapter]
-    def __init__(self, index: _Optional[int] = ..., size: _Optional[int] = ..., adapter_key: _Optional[str] = ..., omitted: _Optional[bool] = ..., modules: _Optional[_Iterable[_Union[ModuleAdapter, _Mapping]]] = ...) -> None: ...
+    basis_weights: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, index: _Optional[int] = ..., size: _Optional[int] = ..., adapter_key: _Optional[str] = ..., omitted: _Optional[bool] = ..., modules: _Optional[_Iterable[_Union[ModuleAdapter, _Mapping]]] = ..., basis_weights: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class StageTimings(_message.Message):
     __slots__ = ("decode", "cluster", "hypernetwork", "encode", "total")
@@ -182,13 +194,17 @@ class StageTimings(_message.Message):
     def __init__(self, decode: _Optional[float] = ..., cluster: _Optional[float] = ..., hypernetwork: _Optional[float] = ..., encode: _Optional[float] = ..., total: _Optional[float] = ...) -> None: ...
 
 class AdaptResponse(_message.Message):
-    __slots__ = ("assignments", "clusters", "timings", "artifact_id")
+    __slots__ = ("assignments", "clusters", "timings", "artifact_id", "bases_key", "bases")
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     CLUSTERS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    BASES_KEY_FIELD_NUMBER: _ClassVar[int]
+    BASES_FIELD_NUMBER: _ClassVar[int]
     assignments: _containers.RepeatedScalarFieldContainer[int]
     clusters: _containers.RepeatedCompositeFieldContainer[ClusterAdapter]
     timings: StageTimings
     artifact_id: str
-    def __init__(self, assignments: _Optional[_Iterable[int]] = ..., clusters: _Optional[_Iterable[_Union[ClusterAdapter, _Mapping]]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., artifact_id: _Optional[str] = ...) -> None: ...
+    bases_key: str
+    bases: _containers.RepeatedCompositeFieldContainer[ModuleAdapter]
+    def __init__(self, assignments: _Optional[_Iterable[int]] = ..., clusters: _Optional[_Iterable[_Union[ClusterAdapter, _Mapping]]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., artifact_id: _Optional[str] = ..., bases_key: _Optional[str] = ..., bases: _Optional[_Iterable[_Union[ModuleAdapter, _Mapping]]] = ...) -> None: ...

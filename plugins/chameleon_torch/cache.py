@@ -16,6 +16,9 @@ import torch
 class CachedAdapter:
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (A^T [d_in, r], s B^T [r, d_out])
     nbytes: int
+    # A mixture cluster in the compact form: its basis weights [bases] (modules empty); the bases are
+    # cached as an adapter of their own, under the response's bases_key.
+    weights: torch.Tensor | None = None
 
 
 class AdapterCache:
@@ -32,12 +35,18 @@ class AdapterCache:
             self._items.move_to_end(key)
         return item
 
-    def put(self, key: str, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> CachedAdapter:
+    def put(
+        self,
+        key: str,
+        modules: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        weights: torch.Tensor | None = None,
+    ) -> CachedAdapter:
         """Store (or refresh) an adapter; evicts least recently used ones beyond the byte budget.
 
         An adapter larger than the whole budget is returned but not kept."""
         nbytes = sum(a.nbytes + b.nbytes for a, b in modules.values())
-        item = CachedAdapter(modules, nbytes)
+        nbytes += weights.nbytes if weights is not None else 0
+        item = CachedAdapter(modules, nbytes, weights)
         if key in self._items:
             self.nbytes -= self._items.pop(key).nbytes
         if nbytes <= self.max_bytes:

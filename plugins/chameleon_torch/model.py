@@ -3,7 +3,9 @@
 Per batch (`with handle.adapt(input_ids, attention_mask):`), the plugin computes each prompt's
 statistic with the shared function, makes one Adapt call (sending the keys it already holds),
 installs the per-cluster factors on the model's device, and the hooks apply each row's adapter in
-prefill and every decode step. Whatever goes wrong on the sidecar's side, the batch runs on the
+prefill and every decode step. A mixture artifact answers in the compact form: the plugin then keeps its
+bases once and applies every row's weights through the row mask, so per-request adapters cost what one
+adapter costs. Whatever goes wrong on the sidecar's side, the batch runs on the
 base model, a warning is logged and a metric counts the reason: generation never fails because of it.
 """
 
@@ -30,6 +32,7 @@ from adapter_service.client import (
     InvalidResponse,
     ServiceManifest,
 )
+from adapter_service.compact import column_weights
 from adapter_service.model_spec import embedding_sha256, fingerprint, linear_shape
 from adapter_service.statistics import (
     SENTENCE_ENCODER,
@@ -244,6 +247,7 @@ class AdapterHandle:
                 dtype=self._wire_dtype(),
                 held_keys=held,
                 timeout=self.config.deadline_s,
+                rebuild=False,  # a compact answer is applied as bases + per-row weights (_install_compact)
             )
         except AdapterServiceError as exc:
             reason = {
@@ -265,6 +269,8 @@ class AdapterHandle:
 
     def _install(self, answer: AdaptResult, rows: int) -> BatchBank:
         """Per-cluster factors -> one stacked (A_cat, B_cat) per module and the row mask."""
+        if answer.bases_key:
+            return self._install_compact(answer, rows)
         manifest = self.manifest
         weight = self.model.get_input_embeddings().weight
         device, dtype = weight.device, weight.dtype
@@ -277,7 +283,8 @@ class AdapterHandle:
                 self.metrics.adapters.labels("cache").inc()
             else:
                 cached = self.cache.put(
-                    cluster.key, self._to_device(cluster, device, dtype, manifest.scaling)
+                    cluster.key,
+                    self._to_device(cluster.modules, cluster.key, device, dtype, manifest.scaling),
                 )
                 self.metrics.adapters.labels("sidecar").inc()
             adapters.append(cached)
@@ -296,19 +303,54 @@ class AdapterHandle:
             row_mask = (slot[None, :] == assignments[:, None]).to(dtype)
         return BatchBank(row_mask=row_mask, rows=rows, factors=factors)
 
+    def _install_compact(self, answer: AdaptResult, rows: int) -> BatchBank:
+        """A mixture in the compact form is one rank-r LoRA whose B columns are weighted per row: the
+        bank holds the bases once and the row mask carries each row's column weights, so the hooks
+        compute s B diag(w_c) (A x) = s B_c (A_c x) at the cost of k = 1, whatever k is."""
+        manifest = self.manifest
+        weight = self.model.get_input_embeddings().weight
+        device, dtype = weight.device, weight.dtype
+        if answer.bases is not None:
+            modules = self._to_device(answer.bases, answer.bases_key, device, dtype, manifest.scaling)
+            bases = self.cache.put(
+                answer.bases_key, {n: (a.contiguous(), b.contiguous()) for n, (a, b) in modules.items()}
+            )
+            self.metrics.adapters.labels("sidecar").inc()
+        else:
+            bases = self.cache.get(answer.bases_key)
+            if bases is None:
+                raise Fallback("cache_miss", f"bases {answer.bases_key} were left out but are not cached")
+            self.metrics.adapters.labels("cache").inc()
+        weights = []
+        for cluster in answer.clusters:
+            if cluster.omitted:
+                cached = self.cache.get(cluster.key)
+                if cached is None or cached.weights is None:
+                    raise Fallback("cache_miss", f"adapter {cluster.key} was left out but is not cached")
+                self.metrics.adapters.labels("cache").inc()
+            else:
+                w = torch.from_numpy(cluster.weights).to(device=device, dtype=dtype)
+                cached = self.cache.put(cluster.key, {}, weights=w)
+                self.metrics.adapters.labels("sidecar").inc()
+            weights.append(cached.weights)
+        self.metrics.cache_bytes.set(self.cache.nbytes)
+        columns = column_weights(torch.stack(weights), manifest.rank)  # [k, r]
+        assignments = torch.as_tensor(answer.assignments, dtype=torch.long, device=device)
+        return BatchBank(row_mask=columns[assignments], rows=rows, factors=bases.modules)
+
     @staticmethod
-    def _to_device(cluster, device: torch.device, dtype: torch.dtype, scaling: float):
+    def _to_device(modules, key: str, device: torch.device, dtype: torch.dtype, scaling: float):
         """(A^T, s B^T) per module, as views: the per-batch torch.cat makes them contiguous."""
-        modules = {}
-        for name, delta in cluster.modules.items():
+        factors = {}
+        for name, delta in modules.items():
             a = codec.to_torch(delta.a, device=device, dtype=dtype)
             b = codec.to_torch(delta.b, device=device, dtype=dtype)
-            modules[name] = lora_factors(a, b, scaling)
-        # One check per cluster: NaN and Inf survive a sum (and so does an overflow, equally unusable).
-        total = torch.stack([a.sum() + b.sum() for a, b in modules.values()]).sum()
+            factors[name] = lora_factors(a, b, scaling)
+        # One check per adapter: NaN and Inf survive a sum (and so does an overflow, equally unusable).
+        total = torch.stack([a.sum() + b.sum() for a, b in factors.values()]).sum()
         if not torch.isfinite(total):
-            raise Fallback("invalid_response", f"non-finite values in adapter {cluster.key}")
-        return modules
+            raise Fallback("invalid_response", f"non-finite values in adapter {key}")
+        return factors
 
     def _wire_dtype(self) -> str:
         if self.config.wire_dtype is not None:

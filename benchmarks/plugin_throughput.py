@@ -2,6 +2,7 @@
 
     python benchmarks/plugin_throughput.py [--rounds 4] [--batch 32] [--new-tokens 32] [--out DIR]
     python benchmarks/plugin_throughput.py --rank 48 --ks 1 4 8 32 --tag rank48   # the mixture's rank
+    python benchmarks/plugin_throughput.py --rank 48 --mixture 6 --ks 1 8 32 --whole-ks 1 8 --tag mixture48
 
 SmolLM2-135M-Instruct (the PyPI GGUF, see adapter_service.model_loading), a batch of mixed prompts,
 greedy decoding with exactly `--new-tokens` new tokens per row. Variants, interleaved round by round
@@ -11,6 +12,9 @@ greedy decoding with exactly `--new-tokens` new tokens per row. Variants, interl
   plugin k=K   chameleon_torch with a real sidecar process, FixedK(K) for K in --ks (1 4 8), rank --rank on
                q_proj and v_proj; the timed region includes the per-batch preparation (statistic,
                Adapt call, installing the factors), as a server would pay it.
+               With --mixture M the artifact is a mixture of M bases (the default generator), which
+               the plugin receives and applies in the compact form; --whole-ks adds "plugin k=K
+               whole" variants that ask for whole adapters instead (PluginConfig(compact=False)).
 The FLOP floor is base FLOPs / (base + one rank-r LoRA's FLOPs) per generated token: the best ratio
 any LoRA can reach if its extra work cost no more per FLOP than the base model's.
 Writes OUT/plugin_throughput[_TAG].json and .png.
@@ -43,7 +47,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get
 
 from adapter_service.client import AdapterClient  # noqa: E402
 from adapter_service.clustering import FixedK  # noqa: E402
-from adapter_service.export import make_fresh_artifact  # noqa: E402
+from adapter_service.export import export_artifact, make_fresh_artifact, plan_export  # noqa: E402
+from adapter_service.hypernetwork import build_network  # noqa: E402
 from adapter_service.model_loading import SMOLLM2, load_causal_lm  # noqa: E402
 from adapter_service.model_spec import find_targets  # noqa: E402
 from adapter_service.sidecar import SidecarProcess  # noqa: E402
@@ -136,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of PEFT and of the plugin's adapters")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 8], help="clusters per batch")
     parser.add_argument("--tag", default="", help="file name suffix, e.g. rank48")
+    parser.add_argument("--mixture", type=int, default=0, help="bases of a mixture artifact (0: the paper's)")
+    parser.add_argument(
+        "--whole-ks", type=int, nargs="*", default=[], help="mixture: also these k with whole adapters"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -163,15 +172,24 @@ def main(argv: list[str] | None = None) -> int:
     plugin_model = copy.deepcopy(base)
 
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = make_fresh_artifact(
-            plugin_model, TARGETS, args.rank, Path(tmp) / "artifact", init="random"
-        )
-        with SidecarProcess(artifact.path, log_path=Path(tmp) / "sidecar.log") as sidecar:
+        if args.mixture:
+            artifact = mixture_artifact(
+                plugin_model, ids, mask, args.rank, args.mixture, Path(tmp) / "artifact"
+            )
+        else:
+            artifact = make_fresh_artifact(
+                plugin_model, TARGETS, args.rank, Path(tmp) / "artifact", init="random"
+            )
+        with SidecarProcess(
+            artifact.path, log_path=Path(tmp) / "sidecar.log", extra_args=["--max-clusters", str(args.batch)]
+        ) as sidecar:
             client = AdapterClient(sidecar.address, timeout=10)
             handle = attach(plugin_model, client, PluginConfig(deadline_s=10))
-            variants = {"base": (base, None), "peft": (peft_model, None)}
+            variants = {"base": (base, None, None), "peft": (peft_model, None, None)}
             for k in args.ks:
-                variants[f"plugin k={k}"] = (plugin_model, k)
+                variants[f"plugin k={k}"] = (plugin_model, k, None)
+            for k in args.whole_ks if args.mixture else []:
+                variants[f"plugin k={k} whole"] = (plugin_model, k, False)
             names = list(variants)
             samples: dict[str, list[dict]] = {n: [] for n in names}
             total = (args.rounds + 1) * len(names)
@@ -179,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                 for rnd in range(args.rounds + 1):  # round 0 is warm-up
                     order = names[rnd % len(names) :] + names[: rnd % len(names)]
                     for name in order:
-                        model, k = variants[name]
+                        model, k, compact = variants[name]
                         prepare = None
                         if k is not None:
-                            handle.config = PluginConfig(policy=FixedK(k), deadline_s=10)
+                            handle.config = PluginConfig(policy=FixedK(k), deadline_s=10, compact=compact)
                             handle.cache.clear()  # measure the uncached path: every batch is new
                             prepare = handle.adapt
                         elapsed, prep, info = timed_generate(
@@ -227,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "targets": TARGETS,
             "rank": args.rank,
+            "generator": f"mixture of {args.mixture} bases (compact form)" if args.mixture else "paper's",
             "threads": args.threads,
             "greedy": True,
             "prompt_tokens": int(mask.sum()),
@@ -257,20 +276,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def mixture_artifact(model, ids: torch.Tensor, mask: torch.Tensor, rank: int, bases: int, out: Path):
+    """A mixture artifact of `bases` bases (emitted rank `rank`), random B so the deltas are non-zero,
+    its prototypes fitted on the benchmark's own prompts."""
+    from adapter_service.statistics import mean_input_embedding
+
+    plan = plan_export(model, TARGETS, rank, init="random", kind="mixture", bases=bases)
+    torch.manual_seed(0)
+    network = build_network(plan.hypernetwork_config)
+    network.fit_statistics(mean_input_embedding(model.get_input_embeddings().weight, ids, mask))
+    return export_artifact(network.eval(), plan, out)
+
+
 def plot(records: list[dict], floor: float, settings: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(records)), 4.5))
     names = [r["variant"] for r in records]
     ratios = [r["ratio_to_base"] for r in records]
     spread = [
         [r["ratio_to_base"] - min(r["ratio_to_base_per_round"]) for r in records],
         [max(r["ratio_to_base_per_round"]) - r["ratio_to_base"] for r in records],
     ]
-    colors = ["#777777", "#1f77b4"] + ["#2ca02c"] * (len(records) - 2)
+    colors = ["#777777", "#1f77b4"] + [
+        "#ff7f0e" if r["variant"].endswith("whole") else "#2ca02c" for r in records[2:]
+    ]
     ax.bar(names, ratios, color=colors, yerr=spread, capsize=4)
     ax.axhline(floor, color="red", linestyle="--", label=f"FLOP floor {floor:.4f}")
     ax.axhline(floor - 0.05, color="red", linestyle=":", label="floor - 5 points (goal)")
@@ -288,7 +321,7 @@ def plot(records: list[dict], floor: float, settings: dict, path: Path) -> None:
     ax.set_ylabel("tokens/s / base tokens/s of the same round\n(median; whiskers = min..max over rounds)")
     ax.set_title(
         f"{settings['model']}: batch {settings['batch']}, {settings['new_tokens']} new tokens, greedy, "
-        f"rank {settings['rank']} on {'+'.join(settings['targets'])}",
+        f"rank {settings['rank']} on {'+'.join(settings['targets'])}; generator: {settings['generator']}",
         fontsize=9,
     )
     ax.legend(loc="upper left", fontsize=8, ncol=2)

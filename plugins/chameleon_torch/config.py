@@ -20,3 +20,6 @@ class PluginConfig:
     max_held_keys: int = 256  # most recent cached keys sent with each call
     # Check the base model's embedding hash against the manifest at attach (costs one pass over it).
     check_weights: bool = True
+    # A mixture's compact form (bases once, weights per cluster; applied at the cost of one adapter).
+    # None: whenever the sidecar offers it; False: whole adapters per cluster (for comparisons).
+    compact: bool | None = None

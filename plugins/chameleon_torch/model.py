@@ -247,6 +247,7 @@ class AdapterHandle:
                 dtype=self._wire_dtype(),
                 held_keys=held,
                 timeout=self.config.deadline_s,
+                compact=self.config.compact,
                 rebuild=False,  # a compact answer is applied as bases + per-row weights (_install_compact)
             )
         except AdapterServiceError as exc:

@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, default=9464, help="Prometheus port; -1 disables, 0 = any")
     serve.add_argument("--metrics-address", default="127.0.0.1")
     serve.add_argument("--max-rows", type=int, default=1024, help="max statistics rows per Adapt call")
-    serve.add_argument("--max-clusters", type=int, default=16, help="max k per Adapt call")
+    serve.add_argument("--max-clusters", type=int, default=64, help="max k per Adapt call")
     serve.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024)
     serve.add_argument("--max-concurrent-rpcs", type=int, default=64)
     serve.add_argument("--workers", type=int, default=4, help="threads running Adapt")

@@ -20,7 +20,7 @@ import numpy as np
 
 from adapter_service import codec
 from adapter_service.artifact import Fingerprint, StatisticSpec
-from adapter_service.clustering import AutoK, ClusteringPolicy, FixedK
+from adapter_service.clustering import AutoK, ClusteringPolicy, FixedK, PerRequest
 from adapter_service.compact import weighted_b
 from adapter_service.proto import adapter_service_pb2 as pb
 from adapter_service.proto import adapter_service_pb2_grpc as pb_grpc
@@ -135,8 +135,10 @@ def build_adapt_request(
     elif isinstance(policy, AutoK):
         request.clustering.auto.max_k = policy.max_k
         request.clustering.auto.min_cluster_size = policy.min_cluster_size
+    elif isinstance(policy, PerRequest):
+        request.clustering.per_request.SetInParent()
     elif policy is not None:
-        raise TypeError(f"policy: expected FixedK, AutoK or None, got {type(policy).__name__}")
+        raise TypeError(f"policy: expected FixedK, AutoK, PerRequest or None, got {type(policy).__name__}")
     return request
 
 

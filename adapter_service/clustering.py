@@ -13,6 +13,9 @@ Policies:
 
 * `FixedK(k)`: k-means with k clusters, capped at the number of distinct (normalised) rows, since
   duplicates cannot be split; empty clusters are never returned.
+* `PerRequest()`: no k-means; every distinct (normalised) row is its own cluster, so each request gets
+  the adapter of its own statistic. The study's best way to serve the mixture generator, and in the
+  compact wire form it costs what one adapter costs (docs/adaptation.md).
 * `AutoK(max_k, min_cluster_size, min_silhouette)`: the candidates are k = 1..K with
   K = min(max_k, N // min_cluster_size, number of distinct normalised rows), at least 1. Every k >= 2
   is clustered with k-means; partitions with a cluster smaller than `min_cluster_size` are discarded
@@ -33,7 +36,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["AutoK", "Clustering", "ClusteringPolicy", "FixedK", "cluster", "kmeans", "l2_normalize"]
+__all__ = [
+    "AutoK",
+    "Clustering",
+    "ClusteringPolicy",
+    "FixedK",
+    "PerRequest",
+    "cluster",
+    "kmeans",
+    "l2_normalize",
+]
 
 
 @dataclass(frozen=True)
@@ -65,7 +77,12 @@ class AutoK:
             raise ValueError("min_silhouette: expected a float (not NaN), got nan")
 
 
-ClusteringPolicy = FixedK | AutoK
+@dataclass(frozen=True)
+class PerRequest:
+    """One cluster per distinct request statistic (identical statistics share one)."""
+
+
+ClusteringPolicy = FixedK | AutoK | PerRequest
 
 
 @dataclass(frozen=True)
@@ -124,8 +141,12 @@ def kmeans(
 
 def cluster(x: np.ndarray, policy: ClusteringPolicy, *, seed: int = 0) -> Clustering:
     """L2-normalise the rows of `x`, then partition them according to `policy` (see module docstring)."""
-    if not isinstance(policy, (FixedK, AutoK)):
-        raise TypeError(f"policy: expected FixedK or AutoK, got {type(policy).__name__}")
+    if not isinstance(policy, (FixedK, AutoK, PerRequest)):
+        raise TypeError(f"policy: expected FixedK, AutoK or PerRequest, got {type(policy).__name__}")
+    if isinstance(policy, PerRequest):  # no distances needed
+        data = _normalize64(_validate_x(x), 1e-12)
+        groups, _ = _duplicate_groups(data)
+        return _make_clustering(data, _canonical(groups), None)
     prep = _prepare(_normalize64(_validate_x(x), 1e-12))
     if isinstance(policy, FixedK):
         _check_positive_int("k", policy.k)  # defence in depth against object.__setattr__

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adapter_service.clustering import AutoK
+from adapter_service.clustering import PerRequest
 from adapter_service.sidecar import SidecarProcess, free_port
 
 DEMO_ARTIFACT = Path(__file__).with_name("data") / "demo-artifact"
@@ -213,7 +213,7 @@ def run_demo(
         _print_groups(chosen, texts, info)
 
         _step(5, "continuations without (base model, greedy, in this process) and with adaptation")
-        shown = _one_per_cluster(info)
+        shown = _one_per_cluster(info, [c.label for c in chosen])
         for i in shown:
             ids = tokenizer(texts[i], return_tensors="pt", add_special_tokens=False).input_ids
             with torch.no_grad():
@@ -241,7 +241,8 @@ def run_demo(
                         model, torch.tensor([e.prompt for e in chunk]), m.statistic, tokenizer
                     )
                     t2 = time.perf_counter()
-                    answer = sidecar_client.adapt(stats, policy=AutoK(max_k=8), dtype="float32")
+                    # per request, as the plugin serves a mixture artifact by default
+                    answer = sidecar_client.adapt(stats, policy=PerRequest(), dtype="float32")
                     adapt_ms.append(1e3 * (time.perf_counter() - t2))
                     nll, length = continuation_nll(model, applier, chunk, _rows(answer, torch))
                     adapted_nll.append(nll.numpy() / length)
@@ -312,6 +313,13 @@ def _print_groups(chosen: list, texts: list[str], info: list[dict]) -> None:
         if not first.get("adapted"):
             print(f"      batch {batch} ({len(rows)} prompts): base model ({first.get('fallback_reason')})")
             continue
+        if first["k"] == len(rows):
+            mix = Counter(chosen[i].label for i in rows)
+            print(
+                f"      batch {batch}: {len(rows)} prompts, one adapter each (per request: "
+                f"{', '.join(f'{k} {v}' for k, v in mix.items())})"
+            )
+            continue
         print(f"      batch {batch}: {len(rows)} prompts in k = {first['k']} clusters")
         for c in sorted({info[i]["cluster"] for i in rows}):
             members = [i for i in rows if info[i]["cluster"] == c]
@@ -323,14 +331,18 @@ def _print_groups(chosen: list, texts: list[str], info: list[dict]) -> None:
                 print(f"         - [{chosen[i].label}] {_short(texts[i], 70)}")
 
 
-def _one_per_cluster(info: list[dict], limit: int = 4) -> list[int]:
-    seen, picked = set(), []
-    for i, x in enumerate(info):
-        group = (x.get("batch"), x.get("cluster"))
-        if group not in seen:
+def _one_per_cluster(info: list[dict], labels: list[str], limit: int = 4) -> list[int]:
+    """Up to `limit` prompts from different clusters, of different kinds of text where possible."""
+    seen, kinds, picked = set(), set(), []
+    for distinct_kind in (True, False):
+        for i, x in enumerate(info):
+            group = (x.get("batch"), x.get("cluster"))
+            if group in seen or (distinct_kind and labels[i] in kinds):
+                continue
             seen.add(group)
+            kinds.add(labels[i])
             picked.append(i)
-    return picked[:limit]
+    return sorted(picked[:limit])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,7 +14,7 @@ import numpy as np
 
 from adapter_service import codec
 from adapter_service.artifact import Manifest
-from adapter_service.clustering import AutoK, ClusteringPolicy, FixedK
+from adapter_service.clustering import AutoK, ClusteringPolicy, FixedK, PerRequest
 from adapter_service.proto import adapter_service_pb2 as pb
 
 DEFAULT_MAX_K = 8
@@ -23,7 +23,7 @@ DEFAULT_MAX_K = 8
 @dataclass(frozen=True)
 class Limits:
     max_rows: int = 1024
-    max_clusters: int = 16
+    max_clusters: int = 64  # per-request serving of a batch needs k = its size; cheap in the compact form
     max_message_bytes: int = 64 * 1024 * 1024
 
 
@@ -108,18 +108,26 @@ def parse_adapt_request(request: pb.AdaptRequest, manifest: Manifest, limits: Li
     return AdaptCall(
         request_ids=ids,
         statistics=stats,
-        policy=_policy(request, limits),
+        policy=_policy(request, limits, n),
         dtype=dtype,
         held_keys=frozenset(request.held_adapter_keys),
         compact=request.compact,
     )
 
 
-def _policy(request: pb.AdaptRequest, limits: Limits) -> ClusteringPolicy:
+def _policy(request: pb.AdaptRequest, limits: Limits, n: int) -> ClusteringPolicy:
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     which = request.clustering.WhichOneof("policy") if request.HasField("clustering") else None
     if which is None:
         return AutoK(max_k=min(DEFAULT_MAX_K, limits.max_clusters))
+    if which == "per_request":
+        if n > limits.max_clusters:
+            raise RequestError(
+                invalid,
+                "clustering.per_request",
+                f"N = {n} rows would be {n} clusters; expected N <= max_clusters = {limits.max_clusters}",
+            )
+        return PerRequest()
     if which == "fixed":
         k = request.clustering.fixed.k
         if not 1 <= k <= limits.max_clusters:

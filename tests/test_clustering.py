@@ -454,3 +454,15 @@ def test_full_size_batch_completes() -> None:
     c = cluster(x, AutoK(max_k=8))
     assert_well_formed(c, 1024, 576)
     assert c.k == 6
+
+
+def test_per_request_gives_every_distinct_row_its_own_cluster() -> None:
+    from adapter_service.clustering import PerRequest
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 5))
+    x[4] = x[1]  # the same prompt statistic twice: one cluster, one adapter
+    result = cluster(x, PerRequest())
+    assert result.assignments.tolist() == [0, 1, 2, 3, 1, 4]
+    assert result.k == 5 and result.sizes.tolist() == [1, 2, 1, 1, 1] and result.silhouette is None
+    np.testing.assert_allclose(result.centroids[2], x[2] / np.linalg.norm(x[2]), rtol=1e-6)

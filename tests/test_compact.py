@@ -27,7 +27,7 @@ from adapter_service.client import (
     build_adapt_request,
     parse_adapt_response,
 )
-from adapter_service.clustering import FixedK
+from adapter_service.clustering import FixedK, PerRequest
 from adapter_service.compact import column_weights, weighted_b
 from adapter_service.export import export_artifact, plan_export
 from adapter_service.hypernetwork import build_network
@@ -151,6 +151,20 @@ def test_bases_are_sent_once_and_answers_are_much_smaller(mixture_server, mixtur
     # per request (k = 32): whole adapters grow with k, the compact form by a few floats a cluster
     assert first.ByteSize() * 8 < whole.ByteSize()
     assert again.ByteSize() * 50 < whole.ByteSize()
+
+
+def test_per_request_policy_gives_each_row_its_adapter_within_the_limit(mixture_server) -> None:
+    stats = statistics(24)
+    with AdapterClient(mixture_server.address, timeout=30) as c:
+        result = c.adapt(stats, policy=PerRequest())
+        assert result.k == 24 and result.assignments.tolist() == list(range(24))
+        with pytest.raises(Exception) as info:  # the server's limit is 32 clusters
+            c.adapt(statistics(40), policy=PerRequest())
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details == (
+            "clustering.per_request: N = 40 rows would be 40 clusters; expected N <= max_clusters = 32"
+        )
+        assert c.adapt(stats, policy=FixedK(2)).k == 2  # still serving
 
 
 def test_client_keeps_the_bases_and_rebuilds_from_its_cache(mixture_server) -> None:

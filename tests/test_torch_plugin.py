@@ -213,6 +213,28 @@ def test_compact_bases_and_weights_are_cached_across_batches(llama_dir: Path, mi
         server.stop()
 
 
+def test_default_policy_is_per_request_for_a_mixture_and_auto_k_otherwise(
+    llama_dir: Path, mixture_artifact: Path, server
+) -> None:
+    ids, mask = pad(prompts(), "left")
+    mixture_server = start_server(mixture_artifact)
+    try:
+        for address, per_request in ((mixture_server.address, True), (server.address, False)):
+            client = AdapterClient(address, timeout=10)
+            handle = attach(_load(llama_dir), client, PluginConfig(deadline_s=10))
+            with torch.no_grad(), handle.adapt(ids, mask) as batch:
+                pass
+            assert batch.adapted
+            if per_request:  # six distinct prompts, six adapters, at the cost of one (compact form)
+                assert batch.k == 6 and batch.assignments.tolist() == list(range(6))
+            else:
+                assert batch.k <= 3  # AutoK(max_k=8) on three topics
+            handle.detach()
+            client.close()
+    finally:
+        mixture_server.stop()
+
+
 def test_repeated_batch_uses_the_cache_and_the_service_leaves_tensors_out(llama_dir: Path, server) -> None:
     model = _load(llama_dir)
     handle = attach(model, AdapterClient(server.address, timeout=10), PluginConfig(deadline_s=10))

@@ -129,13 +129,19 @@ class AutoK(_message.Message):
     min_cluster_size: int
     def __init__(self, max_k: _Optional[int] = ..., min_cluster_size: _Optional[int] = ...) -> None: ...
 
+class PerRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ClusteringPolicy(_message.Message):
-    __slots__ = ("fixed", "auto")
+    __slots__ = ("fixed", "auto", "per_request")
     FIXED_FIELD_NUMBER: _ClassVar[int]
     AUTO_FIELD_NUMBER: _ClassVar[int]
+    PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     fixed: FixedK
     auto: AutoK
-    def __init__(self, fixed: _Optional[_Union[FixedK, _Mapping]] = ..., auto: _Optional[_Union[AutoK, _Mapping]] = ...) -> None: ...
+    per_request: PerRequest
+    def __init__(self, fixed: _Optional[_Union[FixedK, _Mapping]] = ..., auto: _Optional[_Union[AutoK, _Mapping]] = ..., per_request: _Optional[_Union[PerRequest, _Mapping]] = ...) -> None: ...
 
 class AdaptRequest(_message.Message):
     __slots__ = ("request_ids", "statistics", "clustering", "dtype", "held_adapter_keys", "compact")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from adapter_service.clustering import AutoK, ClusteringPolicy
+from adapter_service.clustering import ClusteringPolicy
 
 
 @dataclass(frozen=True)
 class PluginConfig:
     deadline_s: float = 0.5  # per Adapt call; slower answers mean the batch runs on the base model
     manifest_timeout_s: float = 5.0  # at attach (start-up), where waiting a little is fine
-    policy: ClusteringPolicy = field(default_factory=lambda: AutoK(max_k=8))
+    # None: one adapter per request (PerRequest) when the sidecar offers the compact form, where it
+    # costs what one adapter costs and the studies found it best; AutoK(max_k=8) otherwise.
+    policy: ClusteringPolicy | None = None
     # Wire dtype of A and B. None: bfloat16 for bfloat16 models, float16 otherwise: moving adapters
     # through gRPC costs ~3 ms/MB, halving the bytes halves it, and fp16 keeps 11 mantissa bits of
     # deltas that are themselves approximations. Ask for "float32" when exactness matters (tests).

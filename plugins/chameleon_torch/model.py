@@ -32,6 +32,7 @@ from adapter_service.client import (
     InvalidResponse,
     ServiceManifest,
 )
+from adapter_service.clustering import AutoK, ClusteringPolicy, FixedK, PerRequest
 from adapter_service.compact import column_weights
 from adapter_service.model_spec import embedding_sha256, fingerprint, linear_shape
 from adapter_service.statistics import (
@@ -243,7 +244,7 @@ class AdapterHandle:
         try:
             answer = self.client.adapt(
                 stats,
-                policy=self.config.policy,
+                policy=self._policy(input_ids.shape[0]),
                 dtype=self._wire_dtype(),
                 held_keys=held,
                 timeout=self.config.deadline_s,
@@ -352,6 +353,13 @@ class AdapterHandle:
         if not torch.isfinite(total):
             raise Fallback("invalid_response", f"non-finite values in adapter {key}")
         return factors
+
+    def _policy(self, rows: int) -> ClusteringPolicy:
+        if self.config.policy is not None:
+            return self.config.policy
+        if self.manifest.mixture_bases and self.config.compact is not False:
+            return PerRequest() if rows <= self.manifest.max_clusters else FixedK(self.manifest.max_clusters)
+        return AutoK(max_k=8)
 
     def _wire_dtype(self) -> str:
         if self.config.wire_dtype is not None:

@@ -192,18 +192,25 @@ def _weights(values: Sequence[float], where: str, manifest: ServiceManifest) -> 
     return w
 
 
-def _rebuild(w: np.ndarray, bases: dict[str, tuple[Any, Any]], as_torch: bool) -> dict[str, ModuleDelta]:
-    """One cluster's whole adapter from the shared bases and its weights (compact.py)."""
-    modules = {}
+def _rebuild(
+    weights: dict[int, np.ndarray], bases: dict[str, tuple[Any, Any]], as_torch: bool
+) -> dict[int, dict[str, ModuleDelta]]:
+    """Whole adapters of the compact clusters (index -> weights) from the shared bases (compact.py):
+    one product per module for all of them, in float32 (half-precision arithmetic is slow in numpy)."""
+    order = list(weights)
+    stacked = np.stack([weights[i] for i in order])  # [c, bases]
+    rebuilt: dict[int, dict[str, ModuleDelta]] = {i: {} for i in order}
     for name, (a, b) in bases.items():
         if as_torch:
             import torch
 
-            scaled = weighted_b(b, torch.from_numpy(w).to(device=b.device, dtype=b.dtype))
+            w = torch.from_numpy(stacked).to(device=b.device)
+            scaled = weighted_b(b.float()[None], w).to(b.dtype)
         else:
-            scaled = weighted_b(b, w.astype(b.dtype))
-        modules[name] = ModuleDelta(a, scaled)
-    return modules
+            scaled = weighted_b(b.astype(np.float32)[None], stacked).astype(b.dtype)
+        for row, i in enumerate(order):
+            rebuilt[i][name] = ModuleDelta(a, scaled[row])
+    return rebuilt
 
 
 def parse_adapt_response(
@@ -246,6 +253,7 @@ def parse_adapt_response(
             for name, (a, b) in decoded.items()
         }
     clusters = []
+    compact: dict[int, np.ndarray] = {}  # cluster index -> weights, rebuilt after the loop
     for i, c in enumerate(response.clusters):
         if c.index != i:
             raise InvalidResponse(f"clusters[{i}].index: got {c.index}, expected {i}")
@@ -261,7 +269,7 @@ def parse_adapt_response(
                         f"clusters[{i}].basis_weights: the bases {response.bases_key!r} were neither "
                         "sent nor held"
                     )
-                modules = _rebuild(weights, shared, as_torch)
+                compact[i] = weights
         elif not c.omitted:
             for m in c.modules:
                 if m.module not in shapes:
@@ -278,6 +286,9 @@ def parse_adapt_response(
             if len(modules) != len(shapes):
                 raise InvalidResponse(f"clusters[{i}]: {len(modules)} modules, expected {len(shapes)}")
         clusters.append(ClusterAdapter(c.index, c.size, c.adapter_key, c.omitted, modules, weights))
+    if compact:
+        for i, modules in _rebuild(compact, shared, as_torch).items():
+            clusters[i].modules.update(modules)
     t = response.timings
     timings = {s: getattr(t, s) for s in ("decode", "cluster", "hypernetwork", "encode", "total")}
     sent = (

@@ -88,6 +88,7 @@ class HyperNetworkRuntime:
         self.providers = self.session.get_providers()
         self._check_signature()
         self.bases: dict[str, MixtureBases] | None = self._load_mixture_bases()
+        self._weights_session = self._weights_only_session(providers, threads)
 
     def generate(self, centroids: np.ndarray) -> dict[str, GroupOutput]:
         """centroids [K, D] float32 -> per group name, A and B stacked over clusters and modules."""
@@ -103,11 +104,29 @@ class HyperNetworkRuntime:
         """centroids [K, D] -> [K, bases] float32 basis weights (mixture artifacts only)."""
         if self.manifest.mixture is None:
             raise ValueError(f"artifact {self.manifest.artifact_id} is not a mixture with a compact form")
-        (weights,) = self.session.run(
+        (weights,) = self._weights_session.run(
             [self.manifest.mixture.weights_output],
             {CENTROIDS_INPUT: np.ascontiguousarray(centroids, np.float32)},
         )
         return weights
+
+    def _weights_only_session(self, providers: list[str] | None, threads: int):
+        """The graph cut down to the nodes the weights need: onnxruntime runs every node of a session,
+        so asking the whole graph for the weights alone would still build every cluster's A and B
+        (measured: 114 ms against 0.6 ms for 32 clusters at rank 48 on 60 modules)."""
+        if self.manifest.mixture is None:
+            return None
+        import onnx
+        from onnx.utils import Extractor
+
+        graph = onnx.load_from_string(self.artifact.onnx_bytes)
+        pruned = Extractor(graph).extract_model([CENTROIDS_INPUT], [self.manifest.mixture.weights_output])
+        session = create_session(pruned.SerializeToString(), providers, threads)
+        probe = np.zeros((1, self.manifest.statistic.dim), np.float32)
+        full = self.session.run([self.manifest.mixture.weights_output], {CENTROIDS_INPUT: probe})[0]
+        if not np.array_equal(session.run(None, {CENTROIDS_INPUT: probe})[0], full):
+            raise ArtifactError("hypernetwork.onnx: the mixture weights differ once the graph is cut down")
+        return session
 
     def _load_mixture_bases(self) -> dict[str, MixtureBases] | None:
         """Read the shared factors once, and refuse an artifact whose compact form would not rebuild

@@ -7,7 +7,10 @@ clusters (32 = one adapter per request), it measures, in float16:
 
 - whole: every cluster's A and B (`compact=False`), as before the compact form existed;
 - compact, first call: the bases (one rank-48 adapter) plus 6 weights per cluster;
-- compact: the bases held by the client, so only the weights travel.
+- compact: the bases held by the client, so only the weights travel; the client rebuilds every
+  cluster's whole A and B (`rebuild=True`, what a caller that wants whole adapters pays);
+- compact, weights only: the same answer left as weights (`rebuild=False`), what chameleon_torch pays
+  (it applies the bases and per-row weights directly).
 
 Per form and k: the serialized AdaptResponse size, and the median wall time of `AdapterClient.adapt`
 (request, RPC, checks and, for compact, rebuilding every cluster's B). Rounds are interleaved over the
@@ -48,7 +51,7 @@ BASES, BASIS_RANK = 6, 8
 BATCH, DIM = 32, 576
 KS = (1, 4, 8, 16, 32)
 DTYPE = "float16"
-FORMS = ("whole", "compact, first call", "compact")
+FORMS = ("whole", "compact, first call", "compact", "compact, weights only")
 CALL_TIMEOUT_S = 60.0
 
 
@@ -140,6 +143,7 @@ def run(tmpdir: Path, ks: tuple[int, ...], iters: int) -> tuple[list[dict], floa
                         client.bases = BasesCache()  # forget the bases: the first call of a new client
                         timed(client, stats, k, "compact, first call", wall, refused)
                         compact = timed(client, stats, k, "compact", wall, refused)
+                        timed(client, stats, k, "compact, weights only", wall, refused)
                         if whole is not None:
                             parity = max(parity, rebuild_error(whole, compact))
                         bar.update(len(FORMS))
@@ -182,6 +186,7 @@ def wire_sizes(client: AdapterClient, stats: np.ndarray, k: int, refused: dict) 
                 stats, policy=FixedK(k), dtype=DTYPE, compact=True, held_keys=[response.bases_key]
             )
             out[k, "compact"] = client.stub.Adapt(held, timeout=CALL_TIMEOUT_S).ByteSize()
+            out[k, "compact, weights only"] = out[k, "compact"]
     return out
 
 
@@ -190,7 +195,13 @@ def timed(client: AdapterClient, stats: np.ndarray, k: int, form: str, wall: dic
         return None
     started = time.perf_counter()
     try:
-        result = client.adapt(stats, policy=FixedK(k), dtype=DTYPE, compact=form != "whole")
+        result = client.adapt(
+            stats,
+            policy=FixedK(k),
+            dtype=DTYPE,
+            compact=form != "whole",
+            rebuild=form != "compact, weights only",
+        )
     except AdapterServiceError as exc:
         refused[k, form] = f"{exc.code.name}: {exc.details}"
         return None
@@ -215,7 +226,7 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_bytes, ax_ms) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for form, marker in zip(FORMS, "osd", strict=True):
+    for form, marker in zip(FORMS, "osd^", strict=True):
         rows = [r for r in records if r["form"] == form]
         ks = [r["k"] for r in rows if r["serialized_bytes"]]
         ax_bytes.plot(

@@ -69,15 +69,20 @@ def test_train_writes_a_trained_artifact(inputs, tmp_path: Path) -> None:
 
 
 def test_train_a_mixture_routed_per_request(inputs, tmp_path: Path) -> None:
-    """--network mixture --bases 2 --rank 2 emits rank 4; the manifest records the recipe."""
+    """--network mixture --bases 2 --rank 2 emits rank 4; the manifest records the recipe (schedule and
+    shared bases included) and offers the compact form."""
     model_dir, data = inputs
     out = tmp_path / "mixture"
-    args = ["--network", "mixture", "--bases", "2", "--train-k", "request"]
+    args = ["--network", "mixture", "--bases", "2", "--train-k", "request", "--shared-bases", "1"]
+    args += ["--schedule", "cosine", "--warmup-steps", "1", "--clip-grad-norm", "1.0"]
     run("train", "--model", str(model_dir), "--data", str(data), *COMMON, *args, "--out", str(out))
     manifest = load_artifact(out).manifest
     facts = manifest.hypernetwork
     assert facts["config"]["kind"] == "mixture" and facts["config"]["bases"] == 2
+    assert facts["config"]["shared_bases"] == 1 and facts["shared_bases"] == 1
+    assert (facts["schedule"], facts["warmup_steps"], facts["clip_grad_norm"]) == ("cosine", 1, 1.0)
     assert manifest.rank == 4 and facts["train_k"] == "request"
+    assert manifest.mixture is not None and manifest.mixture.bases == 2
     command = [str(CHAMELEON), "train", "--model", str(model_dir), "--data", str(data), *COMMON]
     bad = subprocess.run(
         [*command, "--train-k", "x", "--out", str(tmp_path / "bad")],

@@ -308,11 +308,13 @@ def _request(
     dtype: str,
     held_keys: Sequence[str],
     compact: bool | None,
+    rebuild: bool,
 ) -> pb.AdaptRequest:
-    """The request both clients send: compact when asked, or by default when offered, with the keys of
-    the bases already held so they are not sent again."""
+    """The request both clients send: compact when asked, or by default when offered. When the client
+    rebuilds, it names the bases it holds so they are not sent again; a caller that applies the bases
+    itself (rebuild=False) names the ones it holds in `held_keys`, so a cache it cleared is refilled."""
     compact = manifest.mixture_bases > 0 if compact is None else compact
-    held = [*held_keys, *bases.keys()] if compact else list(held_keys)
+    held = [*held_keys, *bases.keys()] if compact and rebuild else list(held_keys)
     return build_adapt_request(
         statistics, request_ids=request_ids, policy=policy, dtype=dtype, held_keys=held, compact=compact
     )
@@ -363,7 +365,9 @@ class AdapterClient:
         `compact`: ask for the mixture's compact form; None = whenever the manifest offers it.
         `rebuild=False`: leave compact clusters as weights (parse_adapt_response)."""
         manifest = self.manifest(timeout)
-        request = _request(statistics, manifest, self.bases, request_ids, policy, dtype, held_keys, compact)
+        request = _request(
+            statistics, manifest, self.bases, request_ids, policy, dtype, held_keys, compact, rebuild
+        )
         response = self._call(self.stub.Adapt, request, timeout)
         return parse_adapt_response(
             response, manifest, request.statistics.shape[0], dtype, as_torch, device, self.bases, rebuild
@@ -427,7 +431,9 @@ class AsyncAdapterClient:
         rebuild: bool = True,
     ) -> AdaptResult:
         manifest = await self.manifest(timeout)
-        request = _request(statistics, manifest, self.bases, request_ids, policy, dtype, held_keys, compact)
+        request = _request(
+            statistics, manifest, self.bases, request_ids, policy, dtype, held_keys, compact, rebuild
+        )
         response = await self._call(self.stub.Adapt, request, timeout)
         return parse_adapt_response(
             response, manifest, request.statistics.shape[0], dtype, as_torch, device, self.bases, rebuild

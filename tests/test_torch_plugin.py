@@ -207,6 +207,13 @@ def test_compact_bases_and_weights_are_cached_across_batches(llama_dir: Path, mi
         assert m.get_sample_value("chameleon_plugin_adapters_total", {"source": "sidecar"}) == 4
         assert m.get_sample_value("chameleon_plugin_adapters_total", {"source": "cache"}) == 4
         assert torch.equal(outputs[0], outputs[1])
+        # A cache the plugin dropped is refilled: it, not the client, says which bases it holds.
+        handle.cache.clear()
+        with torch.no_grad(), handle.adapt(ids, mask) as batch:
+            outputs.append(model(input_ids=ids, attention_mask=mask).logits)
+        assert batch.adapted and batch.fallback_reason is None
+        assert m.get_sample_value("chameleon_plugin_adapters_total", {"source": "sidecar"}) == 8
+        assert torch.equal(outputs[0], outputs[2])
         handle.detach()
         client.close()
     finally:

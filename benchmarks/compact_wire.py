@@ -195,12 +195,15 @@ def timed(client: AdapterClient, stats: np.ndarray, k: int, form: str, wall: dic
         return None
     started = time.perf_counter()
     try:
+        weights_only = form == "compact, weights only"
         result = client.adapt(
             stats,
             policy=FixedK(k),
             dtype=DTYPE,
             compact=form != "whole",
-            rebuild=form != "compact, weights only",
+            rebuild=not weights_only,
+            # as chameleon_torch: it holds the bases in its own cache and says so
+            held_keys=client.bases.keys() if weights_only else (),
         )
     except AdapterServiceError as exc:
         refused[k, form] = f"{exc.code.name}: {exc.details}"

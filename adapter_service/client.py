@@ -162,23 +162,25 @@ class BasesCache:
             del self._entries[next(iter(self._entries))]
 
 
-def _decode_bases(
-    response: pb.AdaptResponse, shapes: dict[str, tuple[int, int]], r: int, dtype: str
+def _decode_factors(
+    modules, where: str, list_field: str, shapes: dict[str, tuple[int, int]], r: int, dtype: str
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    bases = {}
-    for m in response.bases:
+    """ModuleAdapter messages -> (A [r, d_in], B [d_out, r]) per module, each checked against the
+    manifest; errors name `where` (`bases`, `clusters[i]`) and the repeated field `list_field`."""
+    factors = {}
+    for m in modules:
         if m.module not in shapes:
-            raise InvalidResponse(f"bases: unknown module {m.module!r}")
+            raise InvalidResponse(f"{list_field}: unknown module {m.module!r}")
         d_in, d_out = shapes[m.module]
         try:
-            a = codec.decode(m.a, f"bases.{m.module}.a", shape=(r, d_in), dtype=dtype)
-            b = codec.decode(m.b, f"bases.{m.module}.b", shape=(d_out, r), dtype=dtype)
+            a = codec.decode(m.a, f"{where}.{m.module}.a", shape=(r, d_in), dtype=dtype)
+            b = codec.decode(m.b, f"{where}.{m.module}.b", shape=(d_out, r), dtype=dtype)
         except codec.CodecError as exc:
             raise InvalidResponse(str(exc)) from exc
-        bases[m.module] = (a, b)
-    if len(bases) != len(shapes):
-        raise InvalidResponse(f"bases: {len(bases)} modules, expected {len(shapes)}")
-    return bases
+        factors[m.module] = (a, b)
+    if len(factors) != len(shapes):
+        raise InvalidResponse(f"{where}: {len(factors)} modules, expected {len(shapes)}")
+    return factors
 
 
 def _weights(values: Sequence[float], where: str, manifest: ServiceManifest) -> np.ndarray:
@@ -240,7 +242,7 @@ def parse_adapt_response(
     if response.bases:
         if not response.bases_key:
             raise InvalidResponse("bases_key: empty, expected the key of the bases sent")
-        decoded = _decode_bases(response, shapes, r, dtype)
+        decoded = _decode_factors(response.bases, "bases", "bases", shapes, r, dtype)
         if bases_cache is not None:
             bases_cache.put(response.bases_key, decoded)
     elif response.bases_key:
@@ -271,20 +273,13 @@ def parse_adapt_response(
                     )
                 compact[i] = weights
         elif not c.omitted:
-            for m in c.modules:
-                if m.module not in shapes:
-                    raise InvalidResponse(f"clusters[{i}].modules: unknown module {m.module!r}")
-                d_in, d_out = shapes[m.module]
-                try:
-                    a = codec.decode(m.a, f"clusters[{i}].{m.module}.a", shape=(r, d_in), dtype=dtype)
-                    b = codec.decode(m.b, f"clusters[{i}].{m.module}.b", shape=(d_out, r), dtype=dtype)
-                except codec.CodecError as exc:
-                    raise InvalidResponse(str(exc)) from exc
+            where = f"clusters[{i}]"
+            for name, (a, b) in _decode_factors(
+                c.modules, where, f"{where}.modules", shapes, r, dtype
+            ).items():
                 if as_torch:
                     a, b = codec.to_torch(a, device), codec.to_torch(b, device)
-                modules[m.module] = ModuleDelta(a, b)
-            if len(modules) != len(shapes):
-                raise InvalidResponse(f"clusters[{i}]: {len(modules)} modules, expected {len(shapes)}")
+                modules[name] = ModuleDelta(a, b)
         clusters.append(ClusterAdapter(c.index, c.size, c.adapter_key, c.omitted, modules, weights))
     if compact:
         for i, modules in _rebuild(compact, shared, as_torch).items():

@@ -87,8 +87,10 @@ class HyperNetworkRuntime:
             ) from exc
         self.providers = self.session.get_providers()
         self._check_signature()
-        self.bases: dict[str, MixtureBases] | None = self._load_mixture_bases()
-        self._weights_session = self._weights_only_session(providers, threads)
+        self.bases: dict[str, MixtureBases] | None = None
+        self._weights_session = None
+        if self.manifest.mixture is not None:
+            self.bases, self._weights_session = self._load_mixture(providers, threads)
 
     def generate(self, centroids: np.ndarray) -> dict[str, GroupOutput]:
         """centroids [K, D] float32 -> per group name, A and B stacked over clusters and modules."""
@@ -110,30 +112,17 @@ class HyperNetworkRuntime:
         )
         return weights
 
-    def _weights_only_session(self, providers: list[str] | None, threads: int):
-        """The graph cut down to the nodes the weights need: onnxruntime runs every node of a session,
-        so asking the whole graph for the weights alone would still build every cluster's A and B
-        (measured: 114 ms against 0.6 ms for 32 clusters at rank 48 on 60 modules)."""
-        if self.manifest.mixture is None:
-            return None
+    def _load_mixture(self, providers: list[str] | None, threads: int):
+        """The mixture's shared factors, read once, and a session for its weights alone; refuses an
+        artifact whose compact form would not rebuild exactly the adapters its graph emits.
+
+        The weights session runs the graph cut down to the nodes the weights need: onnxruntime runs
+        every node of a session, so asking the whole graph for the weights alone would still build every
+        cluster's A and B (measured: 114 ms against 0.6 ms for 32 clusters at rank 48 on 60 modules)."""
         import onnx
         from onnx.utils import Extractor
 
-        graph = onnx.load_from_string(self.artifact.onnx_bytes)
-        pruned = Extractor(graph).extract_model([CENTROIDS_INPUT], [self.manifest.mixture.weights_output])
-        session = create_session(pruned.SerializeToString(), providers, threads)
-        probe = np.zeros((1, self.manifest.statistic.dim), np.float32)
-        full = self.session.run([self.manifest.mixture.weights_output], {CENTROIDS_INPUT: probe})[0]
-        if not np.array_equal(session.run(None, {CENTROIDS_INPUT: probe})[0], full):
-            raise ArtifactError("hypernetwork.onnx: the mixture weights differ once the graph is cut down")
-        return session
-
-    def _load_mixture_bases(self) -> dict[str, MixtureBases] | None:
-        """Read the shared factors once, and refuse an artifact whose compact form would not rebuild
-        exactly the adapters its graph emits."""
         layout = self.manifest.mixture
-        if layout is None:
-            return None
         names = {o.name for o in self.session.get_outputs()}
         missing = [n for n in (layout.weights_output, *layout.basis_b_outputs) if n not in names]
         if missing:
@@ -142,30 +131,36 @@ class HyperNetworkRuntime:
             )
         probe = np.zeros((2, self.manifest.statistic.dim), np.float32)
         probe[1, 0] = 1.0
-        full = self.generate(probe)
-        outputs = self.session.run([layout.weights_output, *layout.basis_b_outputs], {CENTROIDS_INPUT: probe})
-        weights, basis_b = outputs[0], outputs[1:]
+        wanted = [*self._output_names, layout.weights_output, *layout.basis_b_outputs]
+        outputs = self.session.run(wanted, {CENTROIDS_INPUT: probe})  # one run of the whole graph
+        n = len(self._output_names)
+        weights, basis_b = outputs[n], outputs[n + 1 :]
         if weights.shape != (2, layout.bases):
             raise ArtifactError(
                 f"hypernetwork.onnx: {layout.weights_output} is {list(weights.shape)}, "
                 f"expected [K, {layout.bases}]"
             )
         bases = {}
-        for group, b in zip(self.manifest.groups, basis_b, strict=True):
-            out = full[group.name]
+        for i, (group, b) in enumerate(zip(self.manifest.groups, basis_b, strict=True)):
+            a_out, b_out = outputs[2 * i], outputs[2 * i + 1]
             rebuilt = weighted_b(b[None], weights[:, None, :])
-            scale = max(float(np.abs(out.b).max()), 1e-30)
+            scale = max(float(np.abs(b_out).max()), 1e-30)
             if (
-                b.shape != out.b.shape[1:]
-                or not np.array_equal(out.a[0], out.a[1])
-                or float(np.abs(rebuilt - out.b).max()) / scale > 1e-5
+                b.shape != b_out.shape[1:]
+                or not np.array_equal(a_out[0], a_out[1])
+                or float(np.abs(rebuilt - b_out).max()) / scale > 1e-5
             ):
                 raise ArtifactError(
                     f"hypernetwork.onnx: group {group.name!r}: the mixture's bases and weights do not "
                     "rebuild the adapters the graph emits; the manifest's mixture layout is wrong"
                 )
-            bases[group.name] = MixtureBases(a=out.a[0], b=b)
-        return bases
+            bases[group.name] = MixtureBases(a=a_out[0], b=b)
+        graph = onnx.load_from_string(self.artifact.onnx_bytes)
+        pruned = Extractor(graph).extract_model([CENTROIDS_INPUT], [layout.weights_output])
+        session = create_session(pruned.SerializeToString(), providers, threads)
+        if not np.array_equal(session.run(None, {CENTROIDS_INPUT: probe})[0], weights):
+            raise ArtifactError("hypernetwork.onnx: the mixture weights differ once the graph is cut down")
+        return bases, session
 
     @property
     def _output_names(self) -> list[str]:

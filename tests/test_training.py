@@ -55,6 +55,21 @@ def setup(init: str = "zero", seed: int = 0):
     return model, plan, network
 
 
+def fit(model, plan, network, config: TrainConfig, train_data=None, val_data=None, **kwargs):
+    """train() on the plan's targets, with the synthetic splits most tests use."""
+    return train(
+        model,
+        network,
+        plan.group_modules,
+        plan.manifest_base["scaling"],
+        synthetic(36, 1) if train_data is None else train_data,
+        synthetic(12, 2) if val_data is None else val_data,
+        config,
+        progress=False,
+        **kwargs,
+    )
+
+
 def test_adapters_start_at_zero_so_training_starts_at_the_base_model() -> None:
     model, plan, network = setup("zero")
     applier = DeltaApplier(
@@ -84,16 +99,7 @@ def test_training_lowers_the_validation_loss(kind: str) -> None:
     )
     before, length = mean_nll(model, applier, network, plan.group_modules, val_data, FixedK(3), 12)
     applier.remove()
-    result = train(
-        model,
-        network,
-        plan.group_modules,
-        plan.manifest_base["scaling"],
-        train_data,
-        val_data,
-        config,
-        progress=False,
-    )
+    result = fit(model, plan, network, config, train_data, val_data)
     after = result.best_validation_nll
     assert after < 0.95 * before.sum() / (len(before) * length)  # at least 5% lower per token
     assert result.history[0]["validation_nll"] > after
@@ -146,16 +152,7 @@ def test_training_clips_the_gradient_and_follows_the_schedule(monkeypatch) -> No
         warmup_steps=2,
         clip_grad_norm=0.05,
     )
-    train(
-        model,
-        network,
-        plan.group_modules,
-        plan.manifest_base["scaling"],
-        synthetic(36, 1),
-        synthetic(12, 2),
-        config,
-        progress=False,
-    )
+    fit(model, plan, network, config)
     assert len(norms) == 6 and max(norms) <= 0.05 * (1 + 1e-5)
     assert rates == pytest.approx([1e-2 * lr_factor(s, "cosine", 2, 6) for s in range(1, 7)])
 
@@ -168,16 +165,7 @@ def test_training_refuses_a_bad_schedule_or_clip_before_it_starts() -> None:
     ):
         config = TrainConfig(policy=FixedK(3), batch_size=12, max_steps=2, **bad)
         with pytest.raises(ValueError, match=match):
-            train(
-                model,
-                network,
-                plan.group_modules,
-                plan.manifest_base["scaling"],
-                synthetic(36, 1),
-                synthetic(12, 2),
-                config,
-                progress=False,
-            )
+            fit(model, plan, network, config)
 
 
 def test_changing_only_the_continuation_does_not_change_the_adapter() -> None:
@@ -332,17 +320,7 @@ def test_training_with_the_prefix_cache_matches_training_without() -> None:
         names = [n for ms in plan.group_modules.values() for n in ms]
         prefix = PrefixCache(model, PrefixCache.first_adapted_layer(model, names)) if use_cache else None
         config = TrainConfig(policy=FixedK(3), batch_size=12, lr=1e-2, max_steps=6, eval_every=3, patience=10)
-        result = train(
-            model,
-            network,
-            plan.group_modules,
-            plan.manifest_base["scaling"],
-            synthetic(36, 1),
-            synthetic(12, 2),
-            config,
-            progress=False,
-            prefix=prefix,
-        )
+        result = fit(model, plan, network, config, prefix=prefix)
         results.append([h["validation_nll"] for h in result.history])
     assert np.allclose(results[0], results[1], rtol=1e-4)
 

@@ -321,7 +321,8 @@ def _eval(args: argparse.Namespace) -> int:
         max_steps=args.steps,
         eval_every=args.eval_every,
         patience=args.patience,
-        lr=args.lr,
+        lr=args.lr[0],
+        lrs=tuple(args.lr) if len(args.lr) > 1 else (),
         experts=not args.no_experts,
         expert_batch_size=args.expert_batch_size,
         max_delta_norm=args.max_delta_norm,
@@ -347,6 +348,7 @@ def _eval(args: argparse.Namespace) -> int:
         only=args.only,
         tokenizer=tokenizer,
         skip=args.skip,
+        reuse=[Path(d) for d in args.reuse],
     )
     command = "chameleon " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     # A study's wall time is the sum over its invocations, parallel --only workers included.
@@ -482,7 +484,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, default=100)
         p.add_argument("--eval-every", type=int, default=10)
         p.add_argument("--patience", type=int, default=3)
-        p.add_argument("--lr", type=float, default=1e-3)
+        if name == "eval":
+            p.add_argument(
+                "--lr",
+                type=float,
+                nargs="+",
+                default=[1e-3],
+                help="learning rate; with several, every trained method takes, per seed, the rate with "
+                "its best validation NLL (the experts: per label)",
+            )
+        else:
+            p.add_argument("--lr", type=float, default=1e-3)
         p.add_argument(
             "--schedule",
             choices=("constant", "cosine"),
@@ -563,6 +575,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         choices=("static-basis", "static-big", "experts"),
         help="leave these runs out (not computed, not reported; the report lists them)",
+    )
+    eval_p.add_argument(
+        "--reuse",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="with several --lr: take the runs of these single-rate studies (same data and settings) "
+        "instead of retraining them",
     )
     eval_p.set_defaults(func=_eval)
 

@@ -59,6 +59,9 @@ class StudyConfig:
     eval_every: int = 10
     patience: int = 3
     lr: float = 1e-3
+    # Several learning rates: every trained method is trained at each, and per seed the run with the best
+    # validation NLL is the one scored (the experts choose per label). Empty: `lr` alone.
+    lrs: tuple[float, ...] = ()
     train_policy: ClusteringPolicy = field(default_factory=lambda: AutoK(max_k=8))
     eval_ks: tuple[int, ...] = (1, 4, 8)
     experts: bool = True
@@ -147,6 +150,7 @@ def run_study(
     only: Sequence[str] | None = None,
     tokenizer: Any = None,
     skip: Sequence[str] = (),
+    reuse: Sequence[Path] = (),
 ) -> dict:
     """Train and score every method for every seed; returns (and writes) the report data.
 
@@ -154,11 +158,17 @@ def run_study(
     and writes no report: several processes can then share one study directory, each on its own runs,
     and a last call without `only` gathers everything. `skip` (run names) leaves runs out: neither
     computed nor reported, and the report lists them. `tokenizer`: the model's, for a sentence-encoder
-    statistic (statistics.py)."""
+    statistic (statistics.py).
+
+    With `config.lrs`, each trained run is saved per rate (`static-lr0.004-seed0.json`) and chosen on
+    validation, so no method is compared at a rate that suits another. `reuse`: single-rate study
+    directories (same data and settings, a rate among `config.lrs`) whose runs are taken, not retrained."""
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs"
     runs.mkdir(exist_ok=True)
-    _claim(out, config, train_examples, validation_examples, test_examples)
+    identity = _claim(out, config, train_examples, validation_examples, test_examples)
+    for source in reuse:
+        _reuse(source, identity, config, runs)
     emitted_rank = config.rank * config.bases if config.network == "mixture" else config.rank
     plan = plan_export(
         model,
@@ -205,11 +215,13 @@ def run_study(
             applier.remove()
         return sums / length  # per-token mean NLL of each test document
 
-    def fit(network, examples, validation, seed: int, policy: ClusteringPolicy, batch_size=None) -> dict:
+    def fit(
+        network, examples, validation, seed: int, policy: ClusteringPolicy, batch_size=None, lr=None
+    ) -> dict:
         tc = TrainConfig(
             policy=policy,
             batch_size=min(batch_size or config.batch_size, len(examples)),
-            lr=config.lr,
+            lr=config.lr if lr is None else lr,
             max_steps=config.max_steps,
             eval_every=config.eval_every,
             patience=config.patience,
@@ -242,8 +254,8 @@ def run_study(
 
     run_seconds: dict[str, float | None] = {}  # per saved run: the compute it took (None: not recorded)
 
-    def cached(name: str, seed: int, compute) -> dict | None:
-        path = runs / f"{name}-seed{seed}.json"
+    def cached(name: str, seed: int, compute, lr: float | None = None) -> dict | None:
+        path = runs / (f"{name}-seed{seed}.json" if lr is None else f"{name}-lr{lr:g}-seed{seed}.json")
         if name in skip:
             return None
         if path.exists():
@@ -259,11 +271,30 @@ def run_study(
         run_seconds[path.stem] = record.get("run_seconds")
         return record
 
+    lrs = tuple(config.lrs)
+    test_labels = [e.label for e in test_examples]
+    lr_picks: dict[str, list] = {}  # per method, per seed: the rate taken on validation
+
+    def tuned(name: str, seed: int, compute) -> dict | None:
+        """`compute(lr)`: at `config.lr`, or at each of `config.lrs` (each saved) and the best on
+        validation."""
+        if not lrs:
+            return cached(name, seed, lambda: compute(config.lr))
+        candidates = {lr: cached(name, seed, lambda lr=lr: compute(lr), lr=lr) for lr in lrs}
+        if any(run is None for run in candidates.values()):
+            return None
+        if name == "experts":
+            return _pick_experts(candidates, test_labels)
+        lr = min(candidates, key=lambda lr: candidates[lr]["best_validation_nll"])
+        return {**candidates[lr], "lr": lr}
+
     records: dict[str, list[dict]] = {}
 
     def add(method: str, record: dict | None) -> None:
         if record is not None:
             records.setdefault(method, []).append(record)
+            if "lr" in record:
+                lr_picks.setdefault(method, []).append(record["lr"])
 
     add("base", cached("base", 0, lambda: {"per_doc": score(None, FixedK(1)).tolist()}))
     rank_config = plan.hypernetwork_config  # the emitted rank
@@ -274,30 +305,31 @@ def run_study(
     big_config = with_rank(big_rank)
     basis_config = with_rank(config.rank)  # experts (and a mixture's bases) have the study's rank
     labels = sorted({e.label for e in train_examples if e.label is not None})
+    hyper_runs: list[dict] = []
     for seed in config.seeds:
 
-        def static_run(cfg=rank_config, seed=seed) -> dict:
+        def static_run(lr: float, cfg=rank_config, seed=seed) -> dict:
             torch.manual_seed(seed)
             network = StaticLoRA(cfg)
-            facts = fit(network, train_examples, validation_examples, seed, FixedK(1))
+            facts = fit(network, train_examples, validation_examples, seed, FixedK(1), lr=lr)
             return {
                 "per_doc": score(network, FixedK(1)).tolist(),
                 "params": network.num_parameters(),
                 **facts,
             }
 
-        add("static LoRA (same rank)", cached("static", seed, static_run))
+        add("static LoRA (same rank)", tuned("static", seed, static_run))
         if emitted_rank != config.rank:  # a mixture: also the static LoRA of one basis's rank
-            one = cached("static-basis", seed, lambda seed=seed: static_run(basis_config, seed))
+            one = tuned("static-basis", seed, lambda lr, seed=seed: static_run(lr, basis_config, seed))
             add(f"static LoRA (rank {config.rank}, one basis)", one)
         if big_rank != emitted_rank:
-            big = cached("static-big", seed, lambda seed=seed: static_run(big_config, seed))
+            big = tuned("static-big", seed, lambda lr, seed=seed: static_run(lr, big_config, seed))
             add(f"static LoRA (rank {big_rank}, ~hyper params)", big)
 
-        def hyper_run(seed=seed) -> dict:
+        def hyper_run(lr: float, seed=seed) -> dict:
             torch.manual_seed(seed)
             network = build_network(rank_config)
-            facts = fit(network, train_examples, validation_examples, seed, config.train_policy)
+            facts = fit(network, train_examples, validation_examples, seed, config.train_policy, lr=lr)
             scores = {"auto k": score(network, AutoK(max_k=8)).tolist()}
             for k in config.eval_ks:
                 scores[f"k={k}"] = score(network, FixedK(k)).tolist()
@@ -318,7 +350,11 @@ def run_study(
             )
             return {"scores": scores, "params": network.num_parameters(), "latency": latency, **facts}
 
-        hyper = cached("hyper", seed, hyper_run) or {"scores": {}}
+        hyper = tuned("hyper", seed, hyper_run) or {"scores": {}}
+        if hyper["scores"]:
+            hyper_runs.append(hyper)
+            if "lr" in hyper:
+                lr_picks.setdefault("Chameleon (every policy)", []).append(hyper["lr"])
         for policy_name, per_doc in hyper["scores"].items():
             records.setdefault(f"Chameleon, {policy_name}", []).append(
                 {"per_doc": per_doc, "params": hyper["params"], "best_step": hyper["best_step"]}
@@ -326,17 +362,17 @@ def run_study(
         if config.experts and labels:
             add(
                 "per-domain experts",
-                cached(
+                tuned(
                     "experts",
                     seed,
-                    lambda seed=seed: _experts(
+                    lambda lr, seed=seed: _experts(
                         labels,
                         train_examples,
                         validation_examples,
                         test_examples,
                         basis_config,
                         seed,
-                        lambda *a: fit(*a, batch_size=config.expert_batch_size),
+                        lambda *a: fit(*a, batch_size=config.expert_batch_size, lr=lr),
                         score,
                     ),
                 ),
@@ -346,6 +382,8 @@ def run_study(
     report = summarise(records, len(test_examples), config, hyper_params, big_rank)
     if skip:
         report["skipped_runs"] = sorted(skip)
+    if lrs:
+        report["lr_selection"] = {"candidates": list(lrs), "picks": lr_picks}
     timed = [t for t in run_seconds.values() if t is not None]
     report["run_seconds"] = {
         "total": float(sum(timed)),
@@ -359,10 +397,7 @@ def run_study(
             name: {label: float(values[labels_of == label].mean()) for label in sorted(set(labels_of))}
             for name, values in per_doc.items()
         }
-    latencies = [
-        json.loads((runs / f"hyper-seed{seed}.json").read_text()).get("latency") for seed in config.seeds
-    ]
-    latencies = [x for x in latencies if x]
+    latencies = [run["latency"] for run in hyper_runs if run.get("latency")]
     if latencies:
         report["latency_per_batch"] = {
             key: float(np.median([x[key] for x in latencies])) for key in latencies[0]
@@ -374,7 +409,7 @@ def run_study(
     return report
 
 
-def _claim(out: Path, config: StudyConfig, *splits: Sequence[Example]) -> None:
+def _claim(out: Path, config: StudyConfig, *splits: Sequence[Example]) -> dict:
     """Resume only the same study: saved runs are reused by (seed, method) name, so a directory holding
     runs of another configuration or other data must be refused, not silently mixed in."""
     import hashlib
@@ -407,6 +442,40 @@ def _claim(out: Path, config: StudyConfig, *splits: Sequence[Example]) -> None:
             )
     else:
         path.write_text(json.dumps(identity, indent=2) + "\n")
+    return identity
+
+
+def _reuse(source: Path, identity: dict, config: StudyConfig, runs: Path) -> None:
+    """Copy a single-rate study's runs in under rate-tagged names: they are the runs this study would
+    train at that rate, so checking more rates costs only the rates not yet tried."""
+    if not config.lrs:
+        raise ValueError("reuse: only a study with several learning rates (lrs) takes other studies' runs")
+    saved = json.loads((source / "study.json").read_text())
+    lr = float(saved["config"]["lr"])
+    if saved["config"].get("lrs"):
+        raise ValueError(f"reuse: {source} is itself a study of several learning rates")
+    if lr not in config.lrs:
+        raise ValueError(f"reuse: {source} ran at lr {lr:g}, not one of lrs {list(config.lrs)}")
+    if saved.get("data") != identity["data"]:
+        raise ValueError(f"reuse: {source} ran on other data (another corpus, split or token counts)")
+    defaults = json.loads(json.dumps(asdict(StudyConfig(targets=config.targets)), default=repr))
+    changed = [
+        key
+        for key, value in identity["config"].items()
+        if key not in ("lr", "lrs") and saved["config"].get(key, defaults[key]) != value
+    ]
+    if changed:
+        raise ValueError(f"reuse: {source} is another study (different {', '.join(changed)})")
+    for path in sorted((source / "runs").glob("*-seed*.json")):
+        name, seed = path.stem.rsplit("-seed", 1)
+        target = runs / f"{name}-lr{lr:g}-seed{seed}.json"
+        if name == "base" or target.exists():
+            continue
+        record = json.loads(path.read_text())
+        if name == "experts" and "validation" not in record:
+            log.info("reuse: %s has no per-label validation NLL; its experts are retrained", path)
+            continue
+        target.write_text(json.dumps(record) + "\n")
 
 
 def _experts(labels, train_examples, validation_examples, test_examples, cfg, seed, fit, score) -> dict:
@@ -414,7 +483,7 @@ def _experts(labels, train_examples, validation_examples, test_examples, cfg, se
     (an oracle: it is told every test document's label)."""
     per_doc = np.full(len(test_examples), np.nan)
     params = 0
-    steps = {}
+    steps, validation = {}, {}
     for label in labels:
         torch.manual_seed(seed)
         network = StaticLoRA(cfg)
@@ -422,6 +491,7 @@ def _experts(labels, train_examples, validation_examples, test_examples, cfg, se
         own_val = [e for e in validation_examples if e.label == label] or list(validation_examples)
         facts = fit(network, own_train, own_val, seed, FixedK(1))
         steps[label] = facts["best_step"]
+        validation[label] = facts["best_validation_nll"]
         params += network.num_parameters()
         rows = [i for i, e in enumerate(test_examples) if e.label == label]
         if rows:
@@ -429,7 +499,28 @@ def _experts(labels, train_examples, validation_examples, test_examples, cfg, se
     if np.isnan(per_doc).any():  # a test label with no training data: no expert to score it
         missing = sorted({test_examples[i].label for i in np.flatnonzero(np.isnan(per_doc))})
         raise ValueError(f"no expert for test labels {missing}: they have no training documents")
-    return {"per_doc": per_doc.tolist(), "params": params, "best_steps": steps}
+    return {"per_doc": per_doc.tolist(), "params": params, "best_steps": steps, "validation": validation}
+
+
+def _pick_experts(candidates: dict[float, dict], test_labels: Sequence[Any]) -> dict:
+    """Each label's expert at the rate where its own validation NLL is lowest: the experts are separate
+    models, so each gets its own choice, as the shared methods do."""
+    for lr, run in candidates.items():
+        if "validation" not in run:
+            raise ValueError(
+                f"the experts run at lr {lr:g} has no per-label validation NLL (saved before experts "
+                "recorded it): delete it to recompute, or leave the experts out (--skip experts)"
+            )
+    rows_of = np.asarray(test_labels)
+    first = next(iter(candidates.values()))
+    per_doc = np.asarray(first["per_doc"], dtype=np.float64)
+    picked = {}
+    for label in first["validation"]:
+        lr = min(candidates, key=lambda lr: candidates[lr]["validation"][label])
+        rows = rows_of == label
+        per_doc[rows] = np.asarray(candidates[lr]["per_doc"])[rows]
+        picked[label] = lr
+    return {**first, "per_doc": per_doc.tolist(), "lr": picked}
 
 
 def _seed_mean(runs: Sequence[dict]) -> np.ndarray:

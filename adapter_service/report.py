@@ -38,6 +38,17 @@ def write_report(
             f"{paired(m.get('vs_best_static'))} | {'-' if share is None else f'{share:.0%}'} | "
             f"{seeds} | {m['params']:,} |"
         )
+    selection = report.get("lr_selection")
+    if selection:
+        lines += [
+            "",
+            "Learning rate chosen on validation, per method and seed, from "
+            + ", ".join(f"{lr:g}" for lr in selection["candidates"])
+            + " (the experts: per label):",
+            "",
+        ]
+        for name, picks in selection["picks"].items():
+            lines.append(f"- {name}: " + "; ".join(_rates(pick) for pick in picks))
     if report.get("skipped_runs"):
         lines += ["", f"Runs left out of this study (`--skip`): {', '.join(report['skipped_runs'])}."]
     headroom = report.get("headroom")
@@ -106,6 +117,13 @@ def write_report(
     lines += ["", "![report](report.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     _plot(methods, out / "report.png")
+
+
+def _rates(pick: float | dict) -> str:
+    """One seed's pick: a rate, or the experts' rate per label."""
+    if isinstance(pick, dict):
+        return ", ".join(f"{label} {lr:g}" for label, lr in sorted(pick.items()))
+    return f"{pick:g}"
 
 
 def _plot(methods: dict, path: Path) -> None:

@@ -179,3 +179,111 @@ def test_only_computes_the_named_runs_and_a_plain_call_gathers_them(tmp_path: Pa
         report["methods"]["static LoRA (same rank)"]["seeds"] == 2
         and "Chameleon, auto k" in report["methods"]
     )
+
+
+def test_several_learning_rates_each_method_takes_its_best_on_validation(tmp_path: Path) -> None:
+    """`lrs`: every trained run is saved per rate; per seed, the one with the best validation NLL is
+    scored (the experts choose per label), and the report says which rate each took."""
+    import pytest
+
+    model = tiny_llama()
+    lrs = (1e-4, 5e-2)
+    config = quick_config(lrs=lrs, experts=True, max_steps=4)
+    data = (synthetic(36, 1), synthetic(12, 2), synthetic(12, 3))
+    out = tmp_path / "study"
+    report = run_study(model, *data, config, out, progress=False)
+
+    def saved(name: str, lr: float) -> dict:
+        return json.loads((out / "runs" / f"{name}-lr{lr:g}-seed0.json").read_text())
+
+    assert not list((out / "runs").glob("*-lr*-lr*"))
+    assert report["lr_selection"]["candidates"] == list(lrs)
+    picks = report["lr_selection"]["picks"]
+    static = {lr: saved("static", lr) for lr in lrs}
+    assert static[lrs[0]]["per_doc"] != static[lrs[1]]["per_doc"]  # the choice matters
+    best = min(lrs, key=lambda lr: static[lr]["best_validation_nll"])
+    assert picks["static LoRA (same rank)"] == [best]
+    assert report["methods"]["static LoRA (same rank)"]["mean_nll"] == pytest.approx(
+        np.mean(static[best]["per_doc"])
+    )
+    hyper = {lr: saved("hyper", lr) for lr in lrs}
+    best = min(lrs, key=lambda lr: hyper[lr]["best_validation_nll"])
+    assert picks["Chameleon (every policy)"] == [best]
+    assert report["methods"]["Chameleon, per request"]["mean_nll"] == pytest.approx(
+        np.mean(hyper[best]["scores"]["per request"])
+    )
+    experts = {lr: saved("experts", lr) for lr in lrs}
+    labels = np.array([e.label for e in data[2]])
+    expected = np.full(len(labels), np.nan)
+    ((chosen),) = picks["per-domain experts"]
+    assert sorted(chosen) == ["d0", "d1", "d2"]
+    for label, lr in chosen.items():
+        assert lr == min(lrs, key=lambda x: experts[x]["validation"][label])
+        expected[labels == label] = np.asarray(experts[lr]["per_doc"])[labels == label]
+    assert report["methods"]["per-domain experts"]["mean_nll"] == pytest.approx(expected.mean())
+    write_report(report, out)
+    text = (out / "report.md").read_text()
+    assert "Learning rate chosen on validation, per method and seed, from 0.0001, 0.05" in text
+    assert f"- static LoRA (same rank): {picks['static LoRA (same rank)'][0]:g}" in text
+
+    # An experts run saved before experts recorded their validation cannot be compared: refused.
+    path = out / "runs" / f"experts-lr{lrs[0]:g}-seed0.json"
+    record = json.loads(path.read_text())
+    del record["validation"]
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"experts run at lr 0\.0001 has no per-label validation NLL"):
+        run_study(model, *data, config, out, progress=False)
+
+
+def test_a_multi_rate_study_reuses_single_rate_studies_instead_of_retraining(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import dataclasses
+
+    import pytest
+
+    import adapter_service.evaluation as evaluation
+
+    model = tiny_llama()
+    data = (synthetic(36, 1), synthetic(12, 2), synthetic(12, 3))
+    single = quick_config(experts=True, max_steps=4)
+    sources = []
+    for lr in (1e-4, 5e-2):
+        sources.append(tmp_path / f"lr{lr:g}")
+        run_study(model, *data, dataclasses.replace(single, lr=lr), sources[-1], progress=False)
+    legacy = sources[0] / "runs" / "experts-seed0.json"  # saved before experts recorded validation
+    record = json.loads(legacy.read_text())
+    validation = record.pop("validation")
+    legacy.write_text(json.dumps(record))
+
+    trained = []
+    real_train = evaluation.train
+    monkeypatch.setattr(evaluation, "train", lambda *a, **k: trained.append(a[6].lr) or real_train(*a, **k))
+    multi = dataclasses.replace(single, lrs=(1e-4, 5e-2))
+    report = run_study(model, *data, multi, tmp_path / "both", progress=False, reuse=sources)
+    assert trained == [1e-4] * 3  # only the legacy experts (one per label); everything else reused
+    runs = tmp_path / "both" / "runs"
+    assert json.loads((runs / "static-lr0.05-seed0.json").read_text()) == json.loads(
+        (sources[1] / "runs" / "static-seed0.json").read_text()
+    )
+    assert set(report["lr_selection"]["picks"]) == {
+        "static LoRA (same rank)",
+        "static LoRA (rank 12, ~hyper params)",
+        "Chameleon (every policy)",
+        "per-domain experts",
+    }
+    assert json.loads((runs / "experts-lr0.0001-seed0.json").read_text())["validation"] == pytest.approx(
+        validation
+    )
+
+    with pytest.raises(ValueError, match=r"reuse: .* \(different rank\)"):
+        run_study(
+            model, *data, dataclasses.replace(multi, rank=3), tmp_path / "r3", progress=False, reuse=sources
+        )
+    with pytest.raises(ValueError, match=r"ran at lr 0\.05, not one of lrs"):
+        run_study(model, *data, dataclasses.replace(multi, lrs=(1e-4, 1e-3)), tmp_path / "x", reuse=sources)
+    with pytest.raises(ValueError, match=r"reuse: .* other data"):
+        other = (data[0], data[1], synthetic(12, 4))
+        run_study(model, *other, multi, tmp_path / "y", progress=False, reuse=sources)
+    with pytest.raises(ValueError, match=r"several learning rates"):
+        run_study(model, *data, single, tmp_path / "z", progress=False, reuse=sources)

@@ -106,6 +106,18 @@ def test_eval_writes_the_report(inputs, tmp_path: Path) -> None:
     assert (out / "report.png").stat().st_size > 10_000
     assert report["latency_per_batch"]["prepare_ms"] > 0 and "Cost per batch" in text
 
+    # Several rates: the study above is reused for its rate, only the new rate is trained.
+    both = tmp_path / "both"
+    args = ("--model", str(model_dir), "--data", str(data), *COMMON, "--seeds", "0")
+    run("eval", *args, "--lr", "1e-3", "5e-3", "--reuse", str(out), "--out", str(both))
+    report = json.loads((both / "report.json").read_text())
+    assert report["lr_selection"]["candidates"] == [1e-3, 5e-3]
+    assert (both / "runs" / "static-lr0.001-seed0.json").read_text() == (
+        out / "runs" / "static-seed0.json"
+    ).read_text()
+    assert (both / "runs" / "static-lr0.005-seed0.json").exists()
+    assert "Learning rate chosen on validation" in (both / "report.md").read_text()
+
 
 def test_export_peft_writes_the_adapter_of_the_prompts_cluster(inputs, tmp_path: Path) -> None:
     """The CLI's centroid is the service's one-cluster centroid (mean of L2-normalised statistics)."""

@@ -32,6 +32,21 @@ def _limit_blas_threads(threads: int | None) -> None:
             os.environ.setdefault(var, "1")
 
 
+# The default recipe is the winner of docs/adaptation.md's study (early layers, the stable schedule).
+DEFAULT_TARGETS = "model.layers.[0-3].self_attn.q_proj,model.layers.[0-3].self_attn.v_proj"
+DEFAULT_LR = 4e-3
+
+
+def _warmup(args: argparse.Namespace) -> int:
+    """--warmup-steps, or a tenth of --steps when not given."""
+    return args.warmup_steps if args.warmup_steps is not None else args.steps // 10
+
+
+def _clip(args: argparse.Namespace) -> float | None:
+    """--clip-grad-norm; 0 or less turns clipping off."""
+    return args.clip_grad_norm if args.clip_grad_norm > 0 else None
+
+
 def _targets(text: str) -> list[str]:
     """`--targets a,b , c` -> ["a", "b", "c"]."""
     return [t.strip() for t in text.split(",") if t.strip()]
@@ -252,8 +267,8 @@ def _train(args: argparse.Namespace) -> int:
         batching=args.batching,
         statistic=plan.manifest_base["statistic"],
         schedule=args.schedule,
-        warmup_steps=args.warmup_steps,
-        clip_grad_norm=args.clip_grad_norm,
+        warmup_steps=_warmup(args),
+        clip_grad_norm=_clip(args),
     )
     result = train(
         model,
@@ -289,8 +304,8 @@ def _train(args: argparse.Namespace) -> int:
         "shared_bases": args.shared_bases,
         "lr": args.lr,
         "schedule": args.schedule,
-        "warmup_steps": args.warmup_steps,
-        "clip_grad_norm": args.clip_grad_norm,
+        "warmup_steps": _warmup(args),
+        "clip_grad_norm": _clip(args),
         "batch_size": args.batch_size,
         "command": "chameleon " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }
@@ -334,8 +349,8 @@ def _eval(args: argparse.Namespace) -> int:
         shared_bases=args.shared_bases,
         train_policy=_train_policy(args),
         schedule=args.schedule,
-        warmup_steps=args.warmup_steps,
-        clip_grad_norm=args.clip_grad_norm,
+        warmup_steps=_warmup(args),
+        clip_grad_norm=_clip(args),
     )
     out = Path(args.out)
     report = run_study(
@@ -471,7 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="preset (wiki-categories, bbc-news, wiki+bbc, mixed) or path",
         )
         p.add_argument(
-            "--targets", required=True, help="module names or globs, e.g. 'model.layers.2[6-9].*.v_proj'"
+            "--targets",
+            default=DEFAULT_TARGETS,
+            help="module names or globs (default: q_proj and v_proj of decoder layers 0-3, Llama-style "
+            "names), e.g. 'model.layers.2[6-9].*.v_proj'",
         )
         p.add_argument("--rank", type=int, default=8)
         p.add_argument("--hidden", type=int, default=64, help="hyper-network width")
@@ -489,24 +507,29 @@ def build_parser() -> argparse.ArgumentParser:
                 "--lr",
                 type=float,
                 nargs="+",
-                default=[1e-3],
+                default=[DEFAULT_LR],
                 help="learning rate; with several, every trained method takes, per seed, the rate with "
                 "its best validation NLL (the experts: per label)",
             )
         else:
-            p.add_argument("--lr", type=float, default=1e-3)
+            p.add_argument("--lr", type=float, default=DEFAULT_LR)
         p.add_argument(
             "--schedule",
             choices=("constant", "cosine"),
-            default="constant",
+            default="cosine",
             help="learning rate after the warm-up: constant, or cosine decay to zero at --steps",
         )
-        p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
+        p.add_argument(
+            "--warmup-steps",
+            type=int,
+            default=None,
+            help="linear learning-rate warm-up (default: --steps / 10)",
+        )
         p.add_argument(
             "--clip-grad-norm",
             type=float,
-            default=None,
-            help="clip the gradient's global norm (default: off)",
+            default=1.0,
+            help="clip the gradient's global norm (default 1.0; 0 or less: off)",
         )
         p.add_argument(
             "--max-delta-norm",

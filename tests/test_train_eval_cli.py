@@ -66,6 +66,9 @@ def test_train_writes_a_trained_artifact(inputs, tmp_path: Path) -> None:
     manifest = load_artifact(out).manifest
     assert manifest.hypernetwork["trained"] is True and manifest.hypernetwork["kind"] == "hyper"
     assert manifest.hypernetwork["history"] and manifest.base_model.weights_sha256
+    # The default recipe is the study's winner: cosine decay, clipping at 1.0, a tenth of the steps warm-up.
+    facts = manifest.hypernetwork
+    assert (facts["schedule"], facts["clip_grad_norm"], facts["warmup_steps"]) == ("cosine", 1.0, 4 // 10)
 
 
 def test_train_a_mixture_routed_per_request(inputs, tmp_path: Path) -> None:
@@ -107,15 +110,16 @@ def test_eval_writes_the_report(inputs, tmp_path: Path) -> None:
     assert report["latency_per_batch"]["prepare_ms"] > 0 and "Cost per batch" in text
 
     # Several rates: the study above is reused for its rate, only the new rate is trained.
+    first = json.loads((out / "study.json").read_text())["config"]["lr"]
     both = tmp_path / "both"
     args = ("--model", str(model_dir), "--data", str(data), *COMMON, "--seeds", "0")
-    run("eval", *args, "--lr", "1e-3", "5e-3", "--reuse", str(out), "--out", str(both))
+    run("eval", *args, "--lr", str(first), "2e-2", "--reuse", str(out), "--out", str(both))
     report = json.loads((both / "report.json").read_text())
-    assert report["lr_selection"]["candidates"] == [1e-3, 5e-3]
-    assert (both / "runs" / "static-lr0.001-seed0.json").read_text() == (
+    assert report["lr_selection"]["candidates"] == [first, 2e-2]
+    assert (both / "runs" / f"static-lr{first:g}-seed0.json").read_text() == (
         out / "runs" / "static-seed0.json"
     ).read_text()
-    assert (both / "runs" / "static-lr0.005-seed0.json").exists()
+    assert (both / "runs" / "static-lr0.02-seed0.json").exists()
     assert "Learning rate chosen on validation" in (both / "report.md").read_text()
 
 

@@ -9,7 +9,7 @@ OUT=${OUT:-.chameleon/studies}
 TARGETS='model.layers.2[6-9].self_attn.q_proj,model.layers.2[6-9].self_attn.v_proj'
 # The paper's generator, as these studies ran (the CLI's defaults are now the mixture of docs/adaptation.md).
 COMMON=(--targets "$TARGETS" --rank 8 --seeds 0 1 2 --steps 30 --eval-every 10 --lr 2e-3
-  --network full --bases 1 --train-k auto)
+  --network full --bases 1 --train-k auto --schedule constant --warmup-steps 0 --clip-grad-norm 0)
 
 chameleon eval --data wiki-categories --drop-label Uncategorized --max-per-label 80 "${COMMON[@]}" \
   --out "$OUT/wiki-categories"

@@ -303,9 +303,9 @@ def _train(args: argparse.Namespace) -> int:
         "bases": args.bases,
         "shared_bases": args.shared_bases,
         "lr": args.lr,
-        "schedule": args.schedule,
-        "warmup_steps": _warmup(args),
-        "clip_grad_norm": _clip(args),
+        "schedule": config.schedule,
+        "warmup_steps": config.warmup_steps,
+        "clip_grad_norm": config.clip_grad_norm,
         "batch_size": args.batch_size,
         "command": "chameleon " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }

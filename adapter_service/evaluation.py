@@ -409,6 +409,11 @@ def run_study(
     return report
 
 
+def _as_json(config: StudyConfig) -> dict:
+    """A config as study.json stores it (policies and tuples in their JSON form)."""
+    return json.loads(json.dumps(asdict(config), default=repr))
+
+
 def _claim(out: Path, config: StudyConfig, *splits: Sequence[Example]) -> dict:
     """Resume only the same study: saved runs are reused by (seed, method) name, so a directory holding
     runs of another configuration or other data must be refused, not silently mixed in."""
@@ -416,7 +421,7 @@ def _claim(out: Path, config: StudyConfig, *splits: Sequence[Example]) -> dict:
 
     identity = {
         # seeds may be added to a finished study; everything else must match
-        "config": json.loads(json.dumps({**asdict(config), "seeds": None}, default=repr)),
+        "config": {**_as_json(config), "seeds": None},
         "data": hashlib.sha256(
             json.dumps(
                 [[(e.doc_id, e.label, e.prompt, e.continuation) for e in split] for split in splits]
@@ -426,7 +431,7 @@ def _claim(out: Path, config: StudyConfig, *splits: Sequence[Example]) -> dict:
     path = out / "study.json"
     if path.exists():
         saved = json.loads(path.read_text())
-        defaults = json.loads(json.dumps(asdict(StudyConfig(targets=config.targets)), default=repr))
+        defaults = _as_json(StudyConfig(targets=config.targets))
         for key, value in identity["config"].items():  # a field added since: its default is what ran
             if key not in saved["config"] and value == defaults[key]:
                 saved["config"][key] = value
@@ -458,7 +463,7 @@ def _reuse(source: Path, identity: dict, config: StudyConfig, runs: Path) -> Non
         raise ValueError(f"reuse: {source} ran at lr {lr:g}, not one of lrs {list(config.lrs)}")
     if saved.get("data") != identity["data"]:
         raise ValueError(f"reuse: {source} ran on other data (another corpus, split or token counts)")
-    defaults = json.loads(json.dumps(asdict(StudyConfig(targets=config.targets)), default=repr))
+    defaults = _as_json(StudyConfig(targets=config.targets))
     changed = [
         key
         for key, value in identity["config"].items()

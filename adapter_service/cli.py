@@ -340,6 +340,7 @@ def _eval(args: argparse.Namespace) -> int:
         lrs=tuple(args.lr) if len(args.lr) > 1 else (),
         experts=not args.no_experts,
         expert_batch_size=args.expert_batch_size,
+        expert_steps=args.expert_steps,
         max_delta_norm=args.max_delta_norm,
         statistic=args.statistic,
         batching=args.batching,
@@ -585,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     eval_p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     eval_p.add_argument("--no-experts", action="store_true", help="skip the per-domain expert LoRAs")
     eval_p.add_argument("--expert-batch-size", type=int, default=8, help="batch of each per-label expert")
+    eval_p.add_argument(
+        "--expert-steps", type=int, default=None, help="steps of each per-label expert (default: --steps)"
+    )
     eval_p.add_argument(
         "--only",
         nargs="+",

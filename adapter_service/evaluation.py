@@ -68,6 +68,9 @@ class StudyConfig:
     # Each expert sees only its label's share of the data: a smaller batch gives it as many updates
     # as the shared LoRAs get, at a fraction of their cost (experts dominated the study's wall time).
     expert_batch_size: int = 8
+    # Steps of each expert (None: max_steps). The shared methods see batch_size * max_steps documents in
+    # all, the experts expert_batch_size * expert_steps each: this lets the two budgets be set apart.
+    expert_steps: int | None = None
     max_delta_norm: float | None = None  # cap on ||s B A||_F / ||W||_F for every method (None = off)
     statistic: str = "embedding"  # or "hidden:L" (statistics.parse_statistic)
     # "mixed" (serving-like) or "coherent" (one label per batch, the paper's training); for every method
@@ -216,13 +219,20 @@ def run_study(
         return sums / length  # per-token mean NLL of each test document
 
     def fit(
-        network, examples, validation, seed: int, policy: ClusteringPolicy, batch_size=None, lr=None
+        network,
+        examples,
+        validation,
+        seed: int,
+        policy: ClusteringPolicy,
+        batch_size=None,
+        lr=None,
+        max_steps=None,
     ) -> dict:
         tc = TrainConfig(
             policy=policy,
             batch_size=min(batch_size or config.batch_size, len(examples)),
             lr=config.lr if lr is None else lr,
-            max_steps=config.max_steps,
+            max_steps=max_steps or config.max_steps,
             eval_every=config.eval_every,
             patience=config.patience,
             seed=seed,
@@ -372,7 +382,12 @@ def run_study(
                         test_examples,
                         basis_config,
                         seed,
-                        lambda *a: fit(*a, batch_size=config.expert_batch_size, lr=lr),
+                        lambda *a: fit(
+                            *a,
+                            batch_size=config.expert_batch_size,
+                            lr=lr,
+                            max_steps=config.expert_steps,
+                        ),
                         score,
                     ),
                 ),

@@ -608,8 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         metavar="DIR",
-        help="with several --lr: take the runs of these single-rate studies (same data and settings) "
-        "instead of retraining them",
+        help="take the runs of these single-rate studies (same data, a rate of --lr) instead of "
+        "retraining them, wherever every setting the run depends on matches",
     )
     eval_p.set_defaults(func=_eval)
 

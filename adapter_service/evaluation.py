@@ -165,7 +165,8 @@ def run_study(
 
     With `config.lrs`, each trained run is saved per rate (`static-lr0.004-seed0.json`) and chosen on
     validation, so no method is compared at a rate that suits another. `reuse`: single-rate study
-    directories (same data and settings, a rate among `config.lrs`) whose runs are taken, not retrained."""
+    directories (same data, a rate this study uses) whose runs are taken instead of retrained wherever
+    every setting the run depends on matches (`_trained_with`)."""
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs"
     runs.mkdir(exist_ok=True)
@@ -465,37 +466,53 @@ def _claim(out: Path, config: StudyConfig, *splits: Sequence[Example]) -> dict:
     return identity
 
 
+def _trained_with(name: str, config: dict) -> dict:
+    """The settings a method's runs depend on (a study config in its JSON form, rates aside): the
+    experts train for their own step budget, the shared methods never see the experts' settings."""
+    settings = {k: v for k, v in config.items() if k not in ("lr", "lrs", "seeds")}
+    if name == "experts":
+        settings["max_steps"] = settings.pop("expert_steps") or settings["max_steps"]
+    else:
+        del settings["expert_steps"], settings["expert_batch_size"]
+    return settings
+
+
 def _reuse(source: Path, identity: dict, config: StudyConfig, runs: Path) -> None:
-    """Copy a single-rate study's runs in under rate-tagged names: they are the runs this study would
-    train at that rate, so checking more rates costs only the rates not yet tried."""
-    if not config.lrs:
-        raise ValueError("reuse: only a study with several learning rates (lrs) takes other studies' runs")
+    """Take another study's runs that this study would train identically (same data, a rate it uses,
+    every setting the run depends on): checking more rates, or a longer budget for some methods only,
+    then costs only the runs that differ. A run that differs is left to be trained."""
     saved = json.loads((source / "study.json").read_text())
     lr = float(saved["config"]["lr"])
     if saved["config"].get("lrs"):
         raise ValueError(f"reuse: {source} is itself a study of several learning rates")
-    if lr not in config.lrs:
-        raise ValueError(f"reuse: {source} ran at lr {lr:g}, not one of lrs {list(config.lrs)}")
+    rates = config.lrs or (config.lr,)
+    if lr not in rates:
+        raise ValueError(f"reuse: {source} ran at lr {lr:g}, not one of this study's {list(rates)}")
     if saved.get("data") != identity["data"]:
         raise ValueError(f"reuse: {source} ran on other data (another corpus, split or token counts)")
     defaults = _as_json(StudyConfig(targets=config.targets))
-    changed = [
-        key
-        for key, value in identity["config"].items()
-        if key not in ("lr", "lrs") and saved["config"].get(key, defaults[key]) != value
-    ]
-    if changed:
-        raise ValueError(f"reuse: {source} is another study (different {', '.join(changed)})")
+    theirs = {**defaults, **saved["config"]}  # a field added since: its default is what ran
+    changed: dict[str, list[str]] = {}
     for path in sorted((source / "runs").glob("*-seed*.json")):
         name, seed = path.stem.rsplit("-seed", 1)
-        target = runs / f"{name}-lr{lr:g}-seed{seed}.json"
-        if name == "base" or target.exists():
+        if name == "base":
+            continue
+        mine, other = _trained_with(name, identity["config"]), _trained_with(name, theirs)
+        changed[name] = [key for key in mine if other.get(key) != mine[key]]
+        target = runs / (f"{name}-lr{lr:g}-seed{seed}.json" if config.lrs else path.name)
+        if changed[name] or target.exists():
             continue
         record = json.loads(path.read_text())
         if name == "experts" and "validation" not in record:
             log.info("reuse: %s has no per-label validation NLL; its experts are retrained", path)
             continue
         target.write_text(json.dumps(record) + "\n")
+    if changed and all(changed.values()):
+        keys = sorted({key for keys in changed.values() for key in keys})
+        raise ValueError(f"reuse: {source} is another study (different {', '.join(keys)})")
+    for name, keys in changed.items():
+        if keys:
+            log.info("reuse: %s runs of %s differ in %s; they are trained here", name, source, keys)
 
 
 def _experts(labels, train_examples, validation_examples, test_examples, cfg, seed, fit, score) -> dict:

@@ -280,10 +280,54 @@ def test_a_multi_rate_study_reuses_single_rate_studies_instead_of_retraining(
         run_study(
             model, *data, dataclasses.replace(multi, rank=3), tmp_path / "r3", progress=False, reuse=sources
         )
-    with pytest.raises(ValueError, match=r"ran at lr 0\.05, not one of lrs"):
+    with pytest.raises(ValueError, match=r"ran at lr 0\.05, not one of this study.s"):
         run_study(model, *data, dataclasses.replace(multi, lrs=(1e-4, 1e-3)), tmp_path / "x", reuse=sources)
     with pytest.raises(ValueError, match=r"reuse: .* other data"):
         other = (data[0], data[1], synthetic(12, 4))
         run_study(model, *other, multi, tmp_path / "y", progress=False, reuse=sources)
     with pytest.raises(ValueError, match=r"several learning rates"):
-        run_study(model, *data, single, tmp_path / "z", progress=False, reuse=sources)
+        run_study(model, *data, multi, tmp_path / "z", progress=False, reuse=[tmp_path / "both"])
+
+
+def test_a_longer_shared_budget_reuses_only_the_experts_it_leaves_unchanged(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """`expert_steps` keeps the experts' budget when the shared methods get more steps: a study that
+    differs only there takes the experts' runs, and retrains static LoRAs and the hyper-network."""
+    import dataclasses
+
+    import pytest
+
+    import adapter_service.evaluation as evaluation
+
+    model = tiny_llama()
+    data = (synthetic(36, 1), synthetic(12, 2), synthetic(12, 3))
+    short = quick_config(experts=True, max_steps=2)
+    run_study(model, *data, short, tmp_path / "short", progress=False)
+
+    trained = []
+    real_train = evaluation.train
+    monkeypatch.setattr(
+        evaluation, "train", lambda *a, **k: trained.append(a[6].max_steps) or real_train(*a, **k)
+    )
+    longer = dataclasses.replace(short, max_steps=4, expert_steps=2)
+    report = run_study(model, *data, longer, tmp_path / "long", progress=False, reuse=[tmp_path / "short"])
+    assert trained and set(trained) == {4}  # static, static-basis/big and hyper; no expert retrained
+    experts = json.loads((tmp_path / "long" / "runs" / "experts-seed0.json").read_text())
+    assert experts == json.loads((tmp_path / "short" / "runs" / "experts-seed0.json").read_text())
+    assert "per-domain experts" in report["methods"]
+
+    trained.clear()  # experts given more steps too: nothing of the short study fits
+    with pytest.raises(ValueError, match=r"reuse: .* \(different max_steps\)"):
+        run_study(
+            model,
+            *data,
+            dataclasses.replace(short, max_steps=4),
+            tmp_path / "all-long",
+            progress=False,
+            reuse=[tmp_path / "short"],
+        )
+    with pytest.raises(ValueError, match=r"ran at lr 0\.001, not one of this study's \[0\.002\]"):
+        run_study(
+            model, *data, dataclasses.replace(longer, lr=2e-3), tmp_path / "x", reuse=[tmp_path / "short"]
+        )

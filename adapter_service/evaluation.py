@@ -598,6 +598,14 @@ def summarise(
         "seeds": config.seeds,
         "max_steps": config.max_steps,
         "batch_size": config.batch_size,
+        **(
+            {
+                "expert_steps": config.expert_steps or config.max_steps,
+                "expert_batch_size": config.expert_batch_size,
+            }
+            if "per-domain experts" in records
+            else {}
+        ),
         "methods": methods,
         **({"headroom": headroom} if headroom else {}),
     }

@@ -15,7 +15,13 @@ def write_report(
         f"Test documents: {report['test_documents']}; targets {', '.join(report['targets'])}, "
         f"rank {report['rank']}; hyper-network {report['hypernetwork_params']:,} parameters "
         f"(equal-parameter static LoRA: rank {report['static_rank_equal_params']}); seeds {report['seeds']}; "
-        f"at most {report['max_steps']} steps of batch {report['batch_size']}.",
+        f"at most {report['max_steps']} steps of batch {report['batch_size']}"
+        + (
+            f" (each per-domain expert: {report['expert_steps']} steps of batch "
+            f"{report['expert_batch_size']})."
+            if "expert_steps" in report
+            else "."
+        ),
         "",
         "Mean per-token NLL of the continuation on the test split (lower is better), averaged over seeds "
         "per document; 95% bootstrap intervals over documents. Δ = paired difference to the same-rank "

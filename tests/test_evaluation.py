@@ -316,6 +316,12 @@ def test_a_longer_shared_budget_reuses_only_the_experts_it_leaves_unchanged(
     experts = json.loads((tmp_path / "long" / "runs" / "experts-seed0.json").read_text())
     assert experts == json.loads((tmp_path / "short" / "runs" / "experts-seed0.json").read_text())
     assert "per-domain experts" in report["methods"]
+    assert (report["max_steps"], report["expert_steps"], report["expert_batch_size"]) == (4, 2, 8)
+    write_report(report, tmp_path / "long")
+    assert (
+        "at most 4 steps of batch 6 (each per-domain expert: 2 steps of batch 8)."
+        in (tmp_path / "long" / "report.md").read_text()
+    )
 
     trained.clear()  # experts given more steps too: nothing of the short study fits
     with pytest.raises(ValueError, match=r"reuse: .* \(different max_steps\)"):

@@ -35,6 +35,8 @@ def _limit_blas_threads(threads: int | None) -> None:
 # The default recipe is the winner of docs/adaptation.md's study (early layers, the stable schedule).
 DEFAULT_TARGETS = "model.layers.[0-3].self_attn.q_proj,model.layers.[0-3].self_attn.v_proj"
 DEFAULT_LR = 4e-3
+# 150 x 32 documents: what the study's six experts see in all (docs/adaptation.md, "Equal training budgets")
+DEFAULT_STEPS = 150
 
 
 def _warmup(args: argparse.Namespace) -> int:
@@ -500,7 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--drop-label", action="append", default=[], help="leave out a label (repeatable)")
         p.add_argument("--split-seed", type=int, default=0, help="the document split; fixed across seeds")
         p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--steps", type=int, default=100)
+        p.add_argument(
+            "--steps",
+            type=int,
+            default=DEFAULT_STEPS,
+            help="most optimiser steps; validation early stopping usually ends sooner",
+        )
         p.add_argument("--eval-every", type=int, default=10)
         p.add_argument("--patience", type=int, default=3)
         if name == "eval":

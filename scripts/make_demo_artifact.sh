@@ -6,7 +6,8 @@
 # chose on validation), with warm-up, cosine decay and gradient clipping. The data is the `mixed`
 # corpus, 300 documents per label, 16-token prompts and 24-token continuations; the demo's prompts come
 # from the test split of the same corpus and split seed, never seen in training. This is the study's
-# seed-0 run. About 15 minutes on 2 idle cores.
+# seed-0 run (scripts/equal_budget_study.sh: 150 steps, validation stops it at 120). About 20 minutes on
+# 2 idle cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 chameleon fetch-corpora
@@ -16,6 +17,6 @@ exec chameleon train \
   --targets 'model.layers.[0-3].self_attn.q_proj,model.layers.[0-3].self_attn.v_proj' \
   --network mixture --bases 6 --rank 8 --routing-sharpness 0.3 --train-k request \
   --kind hyper --batching mixed \
-  --steps 100 --eval-every 10 --patience 3 --lr 4e-3 --schedule cosine --warmup-steps 10 \
+  --steps 150 --eval-every 10 --patience 3 --lr 4e-3 --schedule cosine --warmup-steps 10 \
   --clip-grad-norm 1.0 --seed 0 \
   --out adapter_service/data/demo-artifact "$@"

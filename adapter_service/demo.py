@@ -273,7 +273,7 @@ def run_demo(
             "      This gain is over the base model; most of it is what any LoRA buys. Against the "
             "static LoRA with this recipe's parameters, each given the experts' training budget, the "
             "study measured -0.010 (95% CI -0.019..-0.002, 3 seeds): 65% of the headroom of per-domain "
-            "experts given as much text, 38% (one seed) of experts given as many steps (docs/adaptation.md)."
+            "experts given as much text, 27% of experts given as many steps (docs/adaptation.md)."
         )
     finally:
         if server is not None:

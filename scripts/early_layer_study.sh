@@ -14,12 +14,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.chameleon/studies}
+source scripts/early_layer_setting.sh
 chameleon fetch-corpora
-chameleon eval --data mixed --max-per-label 300 --prompt-tokens 16 --continuation-tokens 24 \
-  --targets 'model.layers.[0-3].self_attn.q_proj,model.layers.[0-3].self_attn.v_proj' \
-  --network mixture --bases 6 --rank 8 --routing-sharpness 0.3 --train-k request \
-  --seeds 0 1 2 --steps 100 --eval-every 10 --patience 3 --lr 2e-3 4e-3 8e-3 \
-  --schedule cosine --warmup-steps 10 --clip-grad-norm 1.0 --skip static-basis experts \
-  --out "$OUT/early-stable-lrs" "$@"
+chameleon eval "${EARLY_LAYER_SETTING[@]}" --skip static-basis experts \
+  --steps 100 --lr 2e-3 4e-3 8e-3 --out "$OUT/early-stable-lrs" "$@"
 mkdir -p docs/results/early-lrs
 cp "$OUT/early-stable-lrs"/report.{json,md,png} docs/results/early-lrs/

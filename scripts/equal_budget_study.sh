@@ -12,12 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.chameleon/studies}
+source scripts/early_layer_setting.sh
 chameleon fetch-corpora
-chameleon eval --data mixed --max-per-label 300 --prompt-tokens 16 --continuation-tokens 24 \
-  --targets 'model.layers.[0-3].self_attn.q_proj,model.layers.[0-3].self_attn.v_proj' \
-  --network mixture --bases 6 --rank 8 --routing-sharpness 0.3 --train-k request \
-  --seeds 0 1 2 --steps 150 --expert-steps 100 --eval-every 10 --patience 3 --lr 4e-3 \
-  --schedule cosine --warmup-steps 10 --clip-grad-norm 1.0 --skip static-basis \
-  --out "$OUT/early-150" "$@"
+chameleon eval "${EARLY_LAYER_SETTING[@]}" \
+  --steps 150 --expert-steps 100 --lr 4e-3 --skip static-basis --out "$OUT/early-150" "$@"
 mkdir -p docs/results/equal-budget
 cp "$OUT/early-150"/report.{json,md,png} docs/results/equal-budget/

@@ -466,14 +466,36 @@ def _claim(out: Path, config: StudyConfig, *splits: Sequence[Example]) -> dict:
     return identity
 
 
+# Settings only the generator sees: a static LoRA, an expert or the base model trains and scores the
+# same whatever they are (baselines get a constant statistic row, and LoRA scaling is 2 at every rank).
+_GENERATOR_ONLY = (
+    "network",
+    "bases",
+    "routing_sharpness",
+    "shared_bases",
+    "train_policy",
+    "eval_ks",
+    "hidden",
+    "statistic",
+)
+
+
 def _trained_with(name: str, config: dict) -> dict:
     """The settings a method's runs depend on (a study config in its JSON form, rates aside): the
-    experts train for their own step budget, the shared methods never see the experts' settings."""
+    experts train for their own step budget, the shared methods never see the experts' settings, and
+    the LoRAs of fixed rank never see the generator's, so a routing variant retrains only the generator.
+    The static LoRA of the hyper-network's parameter count depends on everything the generator does."""
     settings = {k: v for k, v in config.items() if k not in ("lr", "lrs", "seeds")}
     if name == "experts":
         settings["max_steps"] = settings.pop("expert_steps") or settings["max_steps"]
     else:
         del settings["expert_steps"], settings["expert_batch_size"]
+    if name in ("static", "static-basis", "experts"):
+        rank = settings["rank"]  # experts and one basis: the study's rank
+        if name == "static" and settings["network"] == "mixture":
+            rank *= settings["bases"]  # the mixture's emitted rank
+        settings = {k: v for k, v in settings.items() if k not in _GENERATOR_ONLY}
+        settings["rank"] = rank
     return settings
 
 

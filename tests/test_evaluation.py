@@ -337,3 +337,39 @@ def test_a_longer_shared_budget_reuses_only_the_experts_it_leaves_unchanged(
         run_study(
             model, *data, dataclasses.replace(longer, lr=2e-3), tmp_path / "x", reuse=[tmp_path / "short"]
         )
+
+
+def test_a_routing_variant_retrains_only_the_generator(tmp_path: Path, monkeypatch) -> None:
+    """Routing settings (sharpness, bases at the same emitted rank, training clusters) change nothing a
+    static LoRA or an expert sees: a variant study takes their runs and trains only the mixture. Bases of
+    another rank change the experts and the one-basis static LoRA, so those are retrained."""
+    import dataclasses
+
+    import adapter_service.evaluation as evaluation
+
+    model = tiny_llama()
+    data = (synthetic(36, 1), synthetic(12, 2), synthetic(12, 3))
+    mixture = quick_config(network="mixture", bases=2, rank=2, experts=True, train_policy=FixedK(6))
+    big = ("static-big",)  # its rank follows the generator's parameter count: always retrained
+    run_study(model, *data, mixture, tmp_path / "soft", progress=False, skip=big)
+
+    trained = []
+    real_train = evaluation.train
+    monkeypatch.setattr(
+        evaluation, "train", lambda *a, **k: trained.append(type(a[1]).__name__) or real_train(*a, **k)
+    )
+    sharp = dataclasses.replace(mixture, routing_sharpness=2.0, train_policy=FixedK(3))
+    run_study(model, *data, sharp, tmp_path / "sharp", progress=False, skip=big, reuse=[tmp_path / "soft"])
+    assert trained == ["MixtureHyperNetwork"]
+    for name in ("static", "static-basis", "experts"):
+        path = f"runs/{name}-seed0.json"
+        assert (tmp_path / "sharp" / path).read_text() == (tmp_path / "soft" / path).read_text()
+
+    trained.clear()  # four bases of rank 1: the same emitted rank 4, so only the rank-4 static LoRA fits
+    finer = dataclasses.replace(mixture, bases=4, rank=1)
+    run_study(model, *data, finer, tmp_path / "finer", progress=False, skip=big, reuse=[tmp_path / "soft"])
+    labels = {e.label for e in data[0]}
+    assert trained.count("StaticLoRA") == 1 + len(labels)  # the basis-rank static LoRA, and the experts
+    assert trained.count("MixtureHyperNetwork") == 1
+    path = "runs/static-seed0.json"
+    assert (tmp_path / "finer" / path).read_text() == (tmp_path / "soft" / path).read_text()

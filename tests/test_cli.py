@@ -97,7 +97,7 @@ def test_serve_then_sigterm_drains_and_exits_zero(artifact_dir: Path, tmp_path: 
 
 def test_importing_the_client_does_not_import_server_onnxruntime_or_torch() -> None:
     code = (
-        "import sys, adapter_service.client, adapter_service.codec\n"
+        "import sys, adapter_service.client, adapter_service.codec, adapter_service.fallback\n"
         "bad = [m for m in ('onnxruntime', 'torch', 'transformers', 'adapter_service.server',"
         " 'adapter_service.servicer', 'adapter_service.runtime') if m in sys.modules]\n"
         "print(bad)\n"

@@ -26,11 +26,11 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-import grpc
 import torch
 
 from adapter_service import codec
 from adapter_service.client import AdapterClient, AdapterServiceError, InvalidResponse, ServiceManifest
+from adapter_service.fallback import Fallback, ManifestMismatch, ensure_manifest, sidecar_fallback
 from adapter_service.model_spec import embedding_sha256
 from adapter_service.statistics import MEAN_INPUT_EMBEDDING, mean_input_embedding
 from chameleon_tgi.config import TGIPluginConfig
@@ -55,20 +55,6 @@ ACTIVE: ChameleonTGI | None = None  # the shard's runtime; FlashCausalLMBatch.fi
 
 class Refused(RuntimeError):
     """chameleon_tgi will not run with these TGI settings; the message says which and why."""
-
-
-class ManifestMismatch(ValueError):
-    """The sidecar's artifact was not made for the model this shard serves."""
-
-
-class Fallback(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-_STATUS_REASONS = {grpc.StatusCode.DEADLINE_EXCEEDED: "deadline", grpc.StatusCode.UNAVAILABLE: "unavailable"}
 
 
 def find_embedding(model: Any) -> torch.nn.Module:
@@ -257,17 +243,17 @@ class ChameleonTGI:
         )
 
     def _ensure_manifest(self, artifact_id: str | None = None) -> None:
-        if self.manifest is not None and (artifact_id is None or artifact_id == self.manifest.artifact_id):
-            return
-        try:
-            manifest = self.client.manifest(timeout=self.config.deadline_s, refresh=True)
-        except AdapterServiceError as exc:
-            raise Fallback("no_manifest", str(exc)) from exc
-        try:
-            self._install_manifest(manifest)
-        except ManifestMismatch as exc:
-            self.manifest = None
-            raise Fallback("manifest_mismatch", str(exc)) from exc
+        ensure_manifest(
+            self.client,
+            self.manifest,
+            artifact_id,
+            self.config.deadline_s,
+            self._install_manifest,
+            self._forget,
+        )
+
+    def _forget(self) -> None:
+        self.manifest = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -394,10 +380,8 @@ class ChameleonTGI:
         )
         try:
             answer = future.result(timeout=self.config.deadline_s + 5.0)
-        except AdapterServiceError as exc:
-            raise Fallback(_STATUS_REASONS.get(exc.code, "rejected"), str(exc)) from exc
-        except InvalidResponse as exc:
-            raise Fallback("invalid_response", str(exc)) from exc
+        except (AdapterServiceError, InvalidResponse) as exc:
+            raise sidecar_fallback(exc) from exc
         except concurrent.futures.TimeoutError as exc:
             raise Fallback("deadline", "the Adapt call outlived its deadline") from exc
         finally:

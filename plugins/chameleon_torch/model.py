@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import numpy as np
 import torch
 from torch import nn
@@ -34,6 +33,7 @@ from adapter_service.client import (
 )
 from adapter_service.clustering import AutoK, ClusteringPolicy, FixedK, PerRequest
 from adapter_service.compact import column_weights
+from adapter_service.fallback import Fallback, ManifestMismatch, ensure_manifest, sidecar_fallback
 from adapter_service.model_spec import embedding_sha256, fingerprint, linear_shape
 from adapter_service.statistics import (
     SENTENCE_ENCODER,
@@ -48,19 +48,6 @@ from chameleon_torch.layer import BatchBank, HookedModel, lora_factors
 from chameleon_torch.metrics import PluginMetrics
 
 log = logging.getLogger("chameleon_torch")
-
-
-class ManifestMismatch(ValueError):
-    """The sidecar's artifact was not made for this model (or asks for a statistic we cannot compute)."""
-
-
-class Fallback(Exception):
-    """Internal: this batch runs on the base model, for `reason`."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass
@@ -174,21 +161,20 @@ class AdapterHandle:
         )
 
     def _ensure_manifest(self, artifact_id: str | None = None) -> None:
-        """Fetch the manifest when missing, or when the service now serves another artifact."""
-        if self.manifest is not None and (artifact_id is None or artifact_id == self.manifest.artifact_id):
-            return
-        try:
-            manifest = self.client.manifest(timeout=self.config.deadline_s, refresh=True)
-        except AdapterServiceError as exc:
-            raise Fallback("no_manifest", str(exc)) from exc
-        try:
-            self._install_manifest(manifest)
-        except ManifestMismatch as exc:
-            self.manifest = None
-            if self._hooks is not None:
-                self._hooks.remove()
-                self._hooks = None
-            raise Fallback("manifest_mismatch", str(exc)) from exc
+        ensure_manifest(
+            self.client,
+            self.manifest,
+            artifact_id,
+            self.config.deadline_s,
+            self._install_manifest,
+            self._forget,
+        )
+
+    def _forget(self) -> None:
+        self.manifest = None
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
 
     # -- per batch --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -251,14 +237,8 @@ class AdapterHandle:
                 compact=self.config.compact,
                 rebuild=False,  # a compact answer is applied as bases + per-row weights (_install_compact)
             )
-        except AdapterServiceError as exc:
-            reason = {
-                grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
-                grpc.StatusCode.UNAVAILABLE: "unavailable",
-            }.get(exc.code, "rejected")
-            raise Fallback(reason, str(exc)) from exc
-        except InvalidResponse as exc:
-            raise Fallback("invalid_response", str(exc)) from exc
+        except (AdapterServiceError, InvalidResponse) as exc:
+            raise sidecar_fallback(exc) from exc
         finally:
             self.metrics.sidecar_seconds.observe(time.perf_counter() - called)
         if answer.artifact_id != manifest.artifact_id:

@@ -153,14 +153,10 @@ def plan_export(
 def _check_targets_after_statistic(
     model: torch.nn.Module, names: Sequence[str], kind: str, params: dict[str, str]
 ) -> None:
-    layer = statistic_layer(StatisticSpec(kind=kind, dim=1, params=params))
+    layer = statistic_layer(StatisticSpec(kind=kind, dim=1, params=params), model)
     if layer is None:
         return
     blocks = decoder_layers(model)
-    if layer > len(blocks):
-        raise ValueError(
-            f"statistic: layer {layer} does not exist; the model has {len(blocks)} decoder layers"
-        )
     prefixes = {module: name for name, module in model.named_modules()}
     early = [name for block in blocks[:layer] for name in names if name.startswith(prefixes[block] + ".")]
     if early:

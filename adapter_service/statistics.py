@@ -100,9 +100,7 @@ def mean_hidden_state(
     Runs only the first `layer` blocks. Position ids follow the mask, so left and right padding give
     the same statistic (up to float rounding)."""
     attention_mask = _check_mask(input_ids, attention_mask)
-    blocks = decoder_layers(model)
-    if not 1 <= layer <= len(blocks):
-        raise ValueError(f"statistic.params.layer: expected 1..{len(blocks)}, got {layer}")
+    blocks = _check_layer(model, layer)
     captured: list[torch.Tensor] = []
 
     def capture(module: torch.nn.Module, args: tuple, output: Any) -> None:
@@ -121,9 +119,18 @@ def mean_hidden_state(
     return _masked_mean(captured[0], attention_mask)
 
 
-def statistic_layer(spec: StatisticLike | None) -> int | None:
+def _check_layer(model: torch.nn.Module, layer: int) -> torch.nn.ModuleList:
+    blocks = decoder_layers(model)
+    if not 1 <= layer <= len(blocks):
+        raise ValueError(
+            f"statistic.params.layer: expected 1..{len(blocks)} (the model's decoder layers), got {layer}"
+        )
+    return blocks
+
+
+def statistic_layer(spec: StatisticLike | None, model: torch.nn.Module | None = None) -> int | None:
     """The decoder layer a statistic reads (None for the input embedding, also the kind of a missing
-    spec); ValueError when malformed."""
+    spec); ValueError when malformed, or, given the `model`, when the model has no such layer."""
     if spec is None or spec.kind == MEAN_INPUT_EMBEDDING:
         return None
     if spec.kind == SENTENCE_ENCODER:
@@ -133,6 +140,8 @@ def statistic_layer(spec: StatisticLike | None) -> int | None:
         raw = spec.params.get("layer")
         if raw is None or not str(raw).isdigit() or int(raw) < 1:
             raise ValueError(f"statistic.params.layer: expected a positive integer, got {raw!r}")
+        if model is not None:
+            _check_layer(model, int(raw))
         return int(raw)
     raise ValueError(
         f"statistic.kind: {spec.kind!r} is not computed here; known: {', '.join(SUPPORTED_KINDS)}"

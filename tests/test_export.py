@@ -257,7 +257,9 @@ def test_hidden_statistic_is_declared_and_targets_must_come_after_its_layer(tmp_
         ValueError, match=r"targets: model.layers.0.self_attn.v_proj sit in decoder layers 1..1"
     ):
         plan_export(model, ["v_proj"], rank=2, statistic="hidden:1")
-    with pytest.raises(ValueError, match="statistic: layer 3 does not exist; the model has 2 decoder layers"):
+    with pytest.raises(
+        ValueError, match=r"statistic.params.layer: expected 1..2 \(the model's decoder layers\), got 3"
+    ):
         plan_export(model, ["lm_head"], rank=2, statistic="hidden:3")
     artifact = make_fresh_artifact(model, ["model.layers.1.self_attn.v_proj"], 2, tmp_path / "a")
     assert artifact.manifest.statistic.kind == "mean_input_embedding"

@@ -52,7 +52,8 @@ def test_hidden_state_statistic_is_the_mean_after_layer_l_and_ignores_padding() 
         mean_hidden_state(model, 2, right, right_mask),
     )
     assert not torch.allclose(first, second)  # a different layer is a different statistic
-    with pytest.raises(ValueError, match=r"statistic.params.layer: expected 1..3, got 4"):
+    expected = r"statistic.params.layer: expected 1..3 \(the model's decoder layers\), got 4"
+    with pytest.raises(ValueError, match=expected):
         mean_hidden_state(model, 4, right, right_mask)
 
 

@@ -373,7 +373,11 @@ def test_plugin_refuses_a_statistic_it_cannot_compute(tmp_path: Path, encoder_di
             words,
             "cannot load sentence encoder",
         ),
-        (StatisticSpec("mean_hidden_state", 64, params={"layer": "5"}), words, "the model has 2"),
+        (
+            StatisticSpec("mean_hidden_state", 64, params={"layer": "5"}),
+            words,
+            r"expected 1..2 \(the model.s decoder layers\), got 5",
+        ),
         (StatisticSpec("mean_input_embedding", 64, normalization="none"), words, "expected 'l2'"),
     ):
         with pytest.raises(ManifestMismatch, match=message):

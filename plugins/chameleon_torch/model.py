@@ -38,7 +38,6 @@ from adapter_service.model_spec import embedding_sha256, fingerprint, linear_sha
 from adapter_service.statistics import (
     SENTENCE_ENCODER,
     compute_statistic,
-    decoder_layers,
     statistic_dim,
     statistic_layer,
 )
@@ -71,13 +70,9 @@ def check_model(
     problems = []
     stat = manifest.statistic
     try:
-        layer = statistic_layer(stat)
+        statistic_layer(stat, model)
         if stat.normalization != "l2":
             raise ValueError(f"statistic.normalization: {stat.normalization!r}; expected 'l2'")
-        if layer is not None and layer > len(decoder_layers(model)):
-            raise ValueError(
-                f"statistic.params.layer: {layer}, but the model has {len(decoder_layers(model))}"
-            )
         if stat.kind == SENTENCE_ENCODER and tokenizer is None:
             raise ValueError("it decodes prompts to text; attach(..., tokenizer=) the model's tokenizer")
         expected_dim = statistic_dim(model, stat)  # loads a sentence encoder: fails here, not per batch

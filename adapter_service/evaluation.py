@@ -314,8 +314,12 @@ def run_study(
         return HyperNetworkConfig(**{**asdict(rank_config), "groups": rank_config.groups, "rank": rank})
 
     big_config = with_rank(big_rank)
-    basis_config = with_rank(config.rank)  # experts (and a mixture's bases) have the study's rank
+    basis_config = with_rank(config.rank)  # a mixture's bases have the study's rank
     labels = sorted({e.label for e in train_examples if e.label is not None})
+    # The experts together have the mixture's parameters: its emitted rank shared out over the labels
+    # (a basis's rank when there is one basis per label). Otherwise each expert has the study's rank.
+    expert_rank = emitted_rank // len(labels) if config.network == "mixture" and labels else config.rank
+    expert_config = with_rank(max(1, expert_rank))
     hyper_runs: list[dict] = []
     for seed in config.seeds:
 
@@ -381,7 +385,7 @@ def run_study(
                         train_examples,
                         validation_examples,
                         test_examples,
-                        basis_config,
+                        expert_config,
                         seed,
                         lambda *a: fit(
                             *a,
@@ -491,9 +495,9 @@ def _trained_with(name: str, config: dict) -> dict:
     else:
         del settings["expert_steps"], settings["expert_batch_size"]
     if name in ("static", "static-basis", "experts"):
-        rank = settings["rank"]  # experts and one basis: the study's rank
-        if name == "static" and settings["network"] == "mixture":
-            rank *= settings["bases"]  # the mixture's emitted rank
+        rank = settings["rank"]  # one basis: the study's rank
+        if name != "static-basis" and settings["network"] == "mixture":
+            rank *= settings["bases"]  # the emitted rank (the experts share it out over the data's labels)
         settings = {k: v for k, v in settings.items() if k not in _GENERATOR_ONLY}
         settings["rank"] = rank
     return settings

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Re-makes the trained artifact that `chameleon demo` serves (adapter_service/data/demo-artifact): the
 # winner of docs/adaptation.md's study, which is also `chameleon train`'s default recipe. A mixture of
-# 6 LoRA bases of rank 8, soft-routed by the mean input embedding and trained per request, on q_proj
-# and v_proj of SmolLM2-135M-Instruct's first four layers. Trained at lr 4e-3 (the rate the study
+# 12 LoRA bases of rank 4 (rank 48 in all), soft-routed by the mean input embedding and trained per
+# request, on q_proj and v_proj of SmolLM2-135M-Instruct's first four layers. Trained at lr 4e-3 (the rate the study
 # chose on validation), with warm-up, cosine decay and gradient clipping. The data is the `mixed`
 # corpus, 300 documents per label, 16-token prompts and 24-token continuations; the demo's prompts come
 # from the test split of the same corpus and split seed, never seen in training. This is the study's
-# seed-0 run (scripts/equal_budget_study.sh: 150 steps, validation stops it at 120). About 20 minutes on
-# 2 idle cores.
+# seed-0 run (scripts/routing_bases_study.sh: 150 steps, validation stops it at 120). About 20 minutes
+# on 2 idle cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 chameleon fetch-corpora
@@ -15,7 +15,7 @@ exec chameleon train \
   --model smollm2-135m-instruct \
   --data mixed --max-per-label 300 --prompt-tokens 16 --continuation-tokens 24 --split-seed 0 \
   --targets 'model.layers.[0-3].self_attn.q_proj,model.layers.[0-3].self_attn.v_proj' \
-  --network mixture --bases 6 --rank 8 --routing-sharpness 0.3 --train-k request \
+  --network mixture --bases 12 --rank 4 --routing-sharpness 0.3 --train-k request \
   --kind hyper --batching mixed \
   --steps 150 --eval-every 10 --patience 3 --lr 4e-3 --schedule cosine --warmup-steps 10 \
   --clip-grad-norm 1.0 --seed 0 \

@@ -69,6 +69,13 @@ def test_train_writes_a_trained_artifact(inputs, tmp_path: Path) -> None:
     # The default recipe is the study's winner: cosine decay, clipping at 1.0, a tenth of the steps warm-up.
     facts = manifest.hypernetwork
     assert (facts["schedule"], facts["clip_grad_norm"], facts["warmup_steps"]) == ("cosine", 1.0, 4 // 10)
+    # ... and a mixture of 12 bases (here of --rank 2 each), routed per request.
+    assert (facts["network"], facts["bases"], facts["train_k"], manifest.rank) == (
+        "mixture",
+        12,
+        "request",
+        24,
+    )
 
 
 def test_train_a_mixture_routed_per_request(inputs, tmp_path: Path) -> None:

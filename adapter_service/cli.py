@@ -38,7 +38,7 @@ DEFAULT_LR = 4e-3
 # 150 x 32 documents: what the study's six experts see in all (docs/adaptation.md, "Equal training budgets")
 DEFAULT_STEPS = 150
 # 12 bases of rank 4 (rank 48 in all): chosen over 6 of rank 8 on validation, 3 seeds (docs/adaptation.md,
-# "Finer bases")
+# "Closing the gap at equal steps")
 DEFAULT_BASES, DEFAULT_RANK = 12, 4
 
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The study behind the default's 12 LoRA bases of rank 4 (docs/adaptation.md, "Closing the gap at equal
-# steps"): the setting of scripts/equal_budget_study.sh (150 steps of 32, lr 4e-3, seeds 0 1 2) with the mixture's rank 48
-# split into 12 bases of rank 4 instead of 6 of rank 8, against the same static LoRA of rank 48 and the
-# same per-domain experts (6 of rank 8: the rank shared out over the labels), here given as many steps
-# as the shared methods (--expert-steps 150). Routing settings change nothing the static LoRA or the
-# experts see, so with the equal-steps study's directory present (docs/adaptation.md gives its command)
-# their runs are taken from it and only the mixture trains.
+# steps"): the setting of scripts/equal_budget_study.sh (150 steps of 32, lr 4e-3, seeds 0 1 2) with the
+# mixture's rank 48 split into 12 bases of rank 4 instead of 6 of rank 8, against the same static LoRA of
+# rank 48 and the same per-domain experts (6 of rank 8: the rank shared out over the labels), here given
+# as many steps as the shared methods (--expert-steps 150). Routing settings change nothing the static
+# LoRA or the experts see, so with the equal-steps study's directory present (docs/adaptation.md gives its
+# command) their runs are taken from it and only the mixture trains.
 # Resumable: re-run after an interruption. Parallel workers can share the directory (--only).
 # Copies report.{json,md,png} to docs/results/finer-bases/.
 set -euo pipefail

@@ -226,18 +226,13 @@ def _train_policy(args: argparse.Namespace):
         raise SystemExit(f"--train-k: expected 'auto', 'request' or a number, got {args.train_k!r}") from None
 
 
-def _emitted_rank(args: argparse.Namespace) -> int:
-    """A mixture emits its bases side by side: --rank is each basis's rank."""
-    return args.rank * args.bases if args.network == "mixture" else args.rank
-
-
 def _train(args: argparse.Namespace) -> int:
     import shlex
 
     import torch
 
     from adapter_service.export import export_artifact, plan_export
-    from adapter_service.hypernetwork import build_network
+    from adapter_service.hypernetwork import build_network, emitted_rank
     from adapter_service.training import PrefixCache, StaticLoRA, StatisticCache, TrainConfig, train
 
     model, tokenizer, splits = _study_inputs(args)
@@ -245,7 +240,7 @@ def _train(args: argparse.Namespace) -> int:
     plan = plan_export(
         model,
         targets,
-        _emitted_rank(args),
+        emitted_rank(args.network, args.rank, args.bases),
         hidden=args.hidden,
         max_delta_norm=args.max_delta_norm,
         statistic=args.statistic,

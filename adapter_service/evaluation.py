@@ -23,7 +23,7 @@ import torch
 from adapter_service.clustering import AutoK, ClusteringPolicy, FixedK
 from adapter_service.diagnostics import grouping_diagnostics
 from adapter_service.export import plan_export
-from adapter_service.hypernetwork import HyperNetworkConfig, build_network
+from adapter_service.hypernetwork import HyperNetworkConfig, build_network, emitted_rank
 from adapter_service.training import (
     DeltaApplier,
     Example,
@@ -173,11 +173,11 @@ def run_study(
     identity = _claim(out, config, train_examples, validation_examples, test_examples)
     for source in reuse:
         _reuse(source, identity, config, runs)
-    emitted_rank = config.rank * config.bases if config.network == "mixture" else config.rank
+    adapter_rank = emitted_rank(config.network, config.rank, config.bases)
     plan = plan_export(
         model,
         config.targets,
-        emitted_rank,
+        adapter_rank,
         hidden=config.hidden,
         max_delta_norm=config.max_delta_norm,
         statistic=config.statistic,
@@ -318,7 +318,7 @@ def run_study(
     labels = sorted({e.label for e in train_examples if e.label is not None})
     # The experts together have the mixture's parameters: its emitted rank shared out over the labels
     # (a basis's rank when there is one basis per label). Otherwise each expert has the study's rank.
-    expert_rank = emitted_rank // len(labels) if config.network == "mixture" and labels else config.rank
+    expert_rank = adapter_rank // len(labels) if config.network == "mixture" and labels else config.rank
     expert_config = with_rank(max(1, expert_rank))
     hyper_runs: list[dict] = []
     for seed in config.seeds:
@@ -334,10 +334,10 @@ def run_study(
             }
 
         add("static LoRA (same rank)", tuned("static", seed, static_run))
-        if emitted_rank != config.rank:  # a mixture: also the static LoRA of one basis's rank
+        if adapter_rank != config.rank:  # a mixture: also the static LoRA of one basis's rank
             one = tuned("static-basis", seed, lambda lr, seed=seed: static_run(lr, basis_config, seed))
             add(f"static LoRA (rank {config.rank}, one basis)", one)
-        if big_rank != emitted_rank:
+        if big_rank != adapter_rank:
             big = tuned("static-big", seed, lambda lr, seed=seed: static_run(lr, big_config, seed))
             add(f"static LoRA (rank {big_rank}, ~hyper params)", big)
 
@@ -495,9 +495,11 @@ def _trained_with(name: str, config: dict) -> dict:
     else:
         del settings["expert_steps"], settings["expert_batch_size"]
     if name in ("static", "static-basis", "experts"):
-        rank = settings["rank"]  # one basis: the study's rank
-        if name != "static-basis" and settings["network"] == "mixture":
-            rank *= settings["bases"]  # the emitted rank (the experts share it out over the data's labels)
+        # One basis has the study's rank; the static LoRA has the emitted rank, and the experts share it
+        # out over the data's labels.
+        rank = settings["rank"]
+        if name != "static-basis":
+            rank = emitted_rank(settings["network"], rank, settings["bases"])
         settings = {k: v for k, v in settings.items() if k not in _GENERATOR_ONLY}
         settings["rank"] = rank
     return settings

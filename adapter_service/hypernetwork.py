@@ -119,6 +119,12 @@ class AdapterGenerator(nn.Module):
 KINDS = ("full", "mixture")
 
 
+def emitted_rank(kind: str, rank: int, bases: int) -> int:
+    """The rank of the adapters a generator emits: a mixture puts its `bases` LoRAs of rank `rank` side
+    by side; the paper's generator emits rank `rank`."""
+    return rank * bases if kind == "mixture" else rank
+
+
 def check_kind(config: HyperNetworkConfig) -> None:
     """Refuse an unknown kind, or mixture bases that do not divide the rank, before building anything."""
     if config.kind not in KINDS:

@@ -348,6 +348,7 @@ def _eval(args: argparse.Namespace) -> int:
         bases=args.bases,
         routing_sharpness=args.routing_sharpness,
         shared_bases=args.shared_bases,
+        oracle_statistic=args.oracle_statistic,
         train_policy=_train_policy(args),
         schedule=args.schedule,
         warmup_steps=_warmup(args),
@@ -599,6 +600,12 @@ def build_parser() -> argparse.ArgumentParser:
     eval_p.add_argument("--expert-batch-size", type=int, default=8, help="batch of each per-label expert")
     eval_p.add_argument(
         "--expert-steps", type=int, default=None, help="steps of each per-label expert (default: --steps)"
+    )
+    eval_p.add_argument(
+        "--oracle-statistic",
+        action="store_true",
+        help="diagnostic: route on each prompt's domain label (one-hot) instead of its statistic, to "
+        "see what perfect grouping would give; labelled data only, never for an artifact",
     )
     eval_p.add_argument(
         "--only",

@@ -81,6 +81,10 @@ class StudyConfig:
     bases: int = 1
     routing_sharpness: float = 0.3  # mixture only (HyperNetworkConfig.routing_sharpness)
     shared_bases: int = 0  # mixture only: bases always on (HyperNetworkConfig.shared_bases)
+    # A diagnostic, never a product setting: every prompt's statistic is its domain label (one-hot), so
+    # the generator routes on perfect information. It splits a gap to the experts into what the
+    # statistic's grouping costs and what sharing one generator costs.
+    oracle_statistic: bool = False
     # Optimisation, for every method (training.TrainConfig)
     schedule: str = "constant"
     warmup_steps: int = 0
@@ -136,6 +140,27 @@ def batch_latency(
     }
 
 
+def label_statistics(examples: Sequence[Example], dim: int) -> dict[tuple[int, ...], torch.Tensor]:
+    """Each prompt's domain label as a one-hot row of the statistic's width (the oracle diagnostic)."""
+    labels = sorted({e.label for e in examples if e.label is not None})
+    if not labels or any(e.label is None for e in examples):
+        raise ValueError(
+            "oracle_statistic: expected labelled examples (a labelled corpus such as --data mixed)"
+        )
+    if len(labels) > dim:
+        raise ValueError(
+            f"oracle_statistic: expected at most {dim} labels (the statistic's width), got {len(labels)}"
+        )
+    rows: dict[tuple[int, ...], torch.Tensor] = {}
+    for e in examples:
+        row = torch.zeros(dim)
+        row[labels.index(e.label)] = 1.0
+        if e.prompt in rows and not torch.equal(rows[e.prompt], row):
+            raise ValueError(f"oracle_statistic: prompt of {e.doc_id!r} occurs under two labels")
+        rows[e.prompt] = row
+    return rows
+
+
 def static_rank_for(params: int, config: HyperNetworkConfig) -> int:
     """The static-LoRA rank whose parameter count is closest to `params`."""
     per_rank = sum(g.num_modules * (g.d_in + g.d_out) for g in config.groups)
@@ -188,6 +213,12 @@ def run_study(
     )
     spec = plan.manifest_base["statistic"]
     statistics = StatisticCache(model, spec, tokenizer=tokenizer)
+    if config.oracle_statistic:
+        statistics.pin(
+            label_statistics(
+                [*train_examples, *validation_examples, *test_examples], plan.hypernetwork_config.stat_dim
+            )
+        )
     names = [n for ms in plan.group_modules.values() for n in ms]
     scaling = plan.manifest_base["scaling"]
     prefix = PrefixCache.for_targets(model, names)
@@ -402,6 +433,8 @@ def run_study(
     report = summarise(records, len(test_examples), config, hyper_params, big_rank)
     if skip:
         report["skipped_runs"] = sorted(skip)
+    if config.oracle_statistic:
+        report["oracle_statistic"] = True
     if lrs:
         report["lr_selection"] = {"candidates": list(lrs), "picks": lr_picks}
     timed = [t for t in run_seconds.values() if t is not None]
@@ -481,6 +514,7 @@ _GENERATOR_ONLY = (
     "eval_ks",
     "hidden",
     "statistic",
+    "oracle_statistic",
 )
 
 

@@ -55,6 +55,12 @@ def write_report(
         ]
         for name, picks in selection["picks"].items():
             lines.append(f"- {name}: " + "; ".join(_rates(pick) for pick in picks))
+    if report.get("oracle_statistic"):
+        lines += [
+            "",
+            "**A diagnostic, not a product setting:** the generator routed on each prompt's domain label "
+            "(one-hot, `--oracle-statistic`) instead of a statistic, so its grouping is perfect.",
+        ]
     if report.get("skipped_runs"):
         lines += ["", f"Runs left out of this study (`--skip`): {', '.join(report['skipped_runs'])}."]
     headroom = report.get("headroom")

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from test_training import synthetic
 
 from adapter_service.clustering import FixedK
@@ -379,3 +381,46 @@ def test_a_routing_variant_retrains_only_the_generator(tmp_path: Path, monkeypat
         for n in ("static", "experts")
     }
     assert runs["experts"]["params"] == runs["static"]["params"]  # 3 x rank 2 = rank 6: equal parameters
+
+
+def test_the_label_oracle_routes_the_generator_on_one_hot_domains_only(tmp_path: Path, monkeypatch) -> None:
+    """`oracle_statistic` (a diagnostic) gives the generator each prompt's label as its statistic, so the
+    test grouping is perfect; the baselines never see a statistic, so a study reusing them trains only
+    the generator. Unlabelled data is refused by name."""
+    import dataclasses
+
+    import adapter_service.evaluation as evaluation
+
+    model = tiny_llama()
+    data = (synthetic(36, 1), synthetic(12, 2), synthetic(12, 3))
+    mixture = quick_config(network="mixture", bases=3, rank=2, experts=True, train_policy=FixedK(6))
+    big = ("static-big",)
+    plain = run_study(model, *data, mixture, tmp_path / "plain", progress=False, skip=big)
+
+    seen = []
+    real_train = evaluation.train
+
+    def spy(*args, **kwargs):
+        network, examples, statistics = args[1], args[4], args[-1]
+        if type(network).__name__ == "MixtureHyperNetwork":
+            seen.append(statistics([e.prompt for e in examples]))
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "train", spy)
+    oracle = dataclasses.replace(mixture, oracle_statistic=True)
+    report = run_study(
+        model, *data, oracle, tmp_path / "oracle", progress=False, skip=big, reuse=[tmp_path / "plain"]
+    )
+    labels = sorted({e.label for e in data[0]})
+    (rows,) = seen  # only the generator trained
+    assert rows.shape[1] == model.config.hidden_size
+    assert torch.equal(rows.argmax(1), torch.tensor([labels.index(e.label) for e in data[0]]))
+    assert torch.equal(rows.sum(1), torch.ones(len(data[0])))
+    assert report["grouping"]["knn_accuracy"] == 1.0 and report["oracle_statistic"]
+    assert plain["grouping"]["knn_accuracy"] < 1.0  # the tiny model's embedding does not group perfectly
+    for name in ("static", "experts"):
+        path = f"runs/{name}-seed0.json"
+        assert (tmp_path / "oracle" / path).read_text() == (tmp_path / "plain" / path).read_text()
+    unlabelled = [dataclasses.replace(e, label=None) for e in data[2]]
+    with pytest.raises(ValueError, match="oracle_statistic: expected labelled examples"):
+        run_study(model, data[0], data[1], unlabelled, oracle, tmp_path / "none", progress=False, skip=big)

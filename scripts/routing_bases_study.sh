@@ -6,8 +6,11 @@
 # as many steps as the shared methods (--expert-steps 150). Routing settings change nothing the static
 # LoRA or the experts see, so with the equal-steps study's directory present (docs/adaptation.md gives its
 # command) their runs are taken from it and only the mixture trains.
-# Resumable: re-run after an interruption. Parallel workers can share the directory (--only).
-# Copies report.{json,md,png} to docs/results/finer-bases/.
+# The static LoRA of the mixture's exact parameter count (rank 49) is trained too.
+# A second study is the diagnostic of why the share stops where it does: the same mixture routed on each
+# prompt's domain label (--oracle-statistic) instead of its statistic, with every baseline reused.
+# Resumable: re-run after an interruption. Parallel workers can share a directory (--only).
+# Copies the reports to docs/results/finer-bases/ (report.*, oracle.*).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.chameleon/studies}
@@ -16,7 +19,13 @@ chameleon fetch-corpora
 reuse=()
 if [ -d "$OUT/early-150-experts150" ]; then reuse=(--reuse "$OUT/early-150-experts150"); fi
 chameleon eval "${EARLY_LAYER_SETTING[@]}" --bases 12 --rank 4 \
-  --steps 150 --expert-steps 150 --lr 4e-3 --skip static-basis static-big \
+  --steps 150 --expert-steps 150 --lr 4e-3 --skip static-basis \
   --out "$OUT/early-150-b12" "${reuse[@]}" "$@"
+chameleon eval "${EARLY_LAYER_SETTING[@]}" --bases 12 --rank 4 \
+  --steps 150 --expert-steps 150 --lr 4e-3 --skip static-basis static-big --oracle-statistic \
+  --out "$OUT/early-150-b12-oracle" --reuse "$OUT/early-150-b12" "$@"
 mkdir -p docs/results/finer-bases
 cp "$OUT/early-150-b12"/report.{json,md,png} docs/results/finer-bases/
+for ext in json md png; do
+  cp "$OUT/early-150-b12-oracle/report.$ext" "docs/results/finer-bases/oracle.$ext"
+done

@@ -11,7 +11,7 @@ import torch
 from test_training import synthetic
 
 from adapter_service.clustering import FixedK
-from adapter_service.evaluation import StudyConfig, bootstrap_ci, run_study
+from adapter_service.evaluation import StudyConfig, bootstrap_ci, run_study, seed_bootstrap_ci
 from adapter_service.report import write_report
 from conftest import tiny_llama
 
@@ -24,6 +24,25 @@ def test_bootstrap_ci_brackets_the_mean_and_narrows_with_more_documents() -> Non
     assert lo < m < hi
     _, lo2, hi2 = bootstrap_ci(large)
     assert (hi2 - lo2) < (hi - lo) / 5
+
+
+def test_seed_bootstrap_counts_a_training_runs_luck_as_noise() -> None:
+    """Per-seed offsets the size of the difference: the document-only interval excludes zero, the one
+    over seeds and documents does not; a difference far beyond the seed spread stays significant."""
+    rng = np.random.default_rng(0)
+    documents = rng.normal(3.0, 0.5, 300)
+    reference = documents + np.array([-0.01, 0.0, 0.01])[:, None]
+    lucky = documents + np.array([0.0, 0.02, 0.01])[:, None]  # mean +0.01: within the seeds' spread
+    _, lo, hi = bootstrap_ci(lucky.mean(0) - reference.mean(0))
+    assert 0 < lo <= hi
+    delta, lo, hi = seed_bootstrap_ci(lucky, reference)
+    assert delta == pytest.approx(0.01) and lo < 0 < hi
+    better = documents - 0.1 + np.array([0.0, 0.02, 0.01])[:, None]
+    _, lo, hi = seed_bootstrap_ci(better, reference)
+    assert lo < hi < 0
+    assert seed_bootstrap_ci(lucky[:1], reference) is None  # one seed: no spread to resample
+    with pytest.raises(ValueError, match="runs, reference: expected"):
+        seed_bootstrap_ci(lucky[:, :10], reference)
 
 
 def test_study_runs_every_method_and_resumes(tmp_path: Path) -> None:

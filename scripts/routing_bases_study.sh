@@ -9,8 +9,10 @@
 # The static LoRA of the mixture's exact parameter count (rank 49) is trained too.
 # A second study is the diagnostic of why the share stops where it does: the same mixture routed on each
 # prompt's domain label (--oracle-statistic) instead of its statistic, with every baseline reused.
+# A third gathers the static LoRA and the mixture over 6 seeds (no experts: their seeds stay at 3), for an
+# interval over seeds and documents that is not a bootstrap of 3 runs.
 # Resumable: re-run after an interruption. Parallel workers can share a directory (--only).
-# Copies the reports to docs/results/finer-bases/ (report.*, oracle.*).
+# Copies the reports to docs/results/finer-bases/ (report.*, oracle.*, seeds.*).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.chameleon/studies}
@@ -24,8 +26,13 @@ chameleon eval "${EARLY_LAYER_SETTING[@]}" --bases 12 --rank 4 \
 chameleon eval "${EARLY_LAYER_SETTING[@]}" --bases 12 --rank 4 \
   --steps 150 --expert-steps 150 --lr 4e-3 --skip static-basis static-big --oracle-statistic \
   --out "$OUT/early-150-b12-oracle" --reuse "$OUT/early-150-b12" "$@"
+chameleon eval "${EARLY_LAYER_SETTING[@]}" --bases 12 --rank 4 --seeds 0 1 2 3 4 5 \
+  --steps 150 --lr 4e-3 --skip static-basis static-big experts \
+  --out "$OUT/early-150-b12-seeds" --reuse "$OUT/early-150-b12" "$@"
 mkdir -p docs/results/finer-bases
 cp "$OUT/early-150-b12"/report.{json,md,png} docs/results/finer-bases/
-for ext in json md png; do
-  cp "$OUT/early-150-b12-oracle/report.$ext" "docs/results/finer-bases/oracle.$ext"
+for study in oracle seeds; do
+  for ext in json md png; do
+    cp "$OUT/early-150-b12-$study/report.$ext" "docs/results/finer-bases/$study.$ext"
+  done
 done

@@ -9,7 +9,7 @@
 # The static LoRA of the mixture's exact parameter count (rank 49) is trained too.
 # A second study is the diagnostic of why the share stops where it does: the same mixture routed on each
 # prompt's domain label (--oracle-statistic) instead of its statistic, with every baseline reused.
-# A third gathers the static LoRA and the mixture over 6 seeds (no experts: their seeds stay at 3), for an
+# A third gathers the static LoRA and the mixture over 5 seeds (no experts: their seeds stay at 3), for an
 # interval over seeds and documents that is not a bootstrap of 3 runs.
 # Resumable: re-run after an interruption. Parallel workers can share a directory (--only).
 # Copies the reports to docs/results/finer-bases/ (report.*, oracle.*, seeds.*).
@@ -26,7 +26,7 @@ chameleon eval "${EARLY_LAYER_SETTING[@]}" --bases 12 --rank 4 \
 chameleon eval "${EARLY_LAYER_SETTING[@]}" --bases 12 --rank 4 \
   --steps 150 --expert-steps 150 --lr 4e-3 --skip static-basis static-big --oracle-statistic \
   --out "$OUT/early-150-b12-oracle" --reuse "$OUT/early-150-b12" "$@"
-chameleon eval "${EARLY_LAYER_SETTING[@]}" --bases 12 --rank 4 --seeds 0 1 2 3 4 5 \
+chameleon eval "${EARLY_LAYER_SETTING[@]}" --bases 12 --rank 4 --seeds 0 1 2 3 4 \
   --steps 150 --lr 4e-3 --skip static-basis static-big experts \
   --out "$OUT/early-150-b12-seeds" --reuse "$OUT/early-150-b12" "$@"
 mkdir -p docs/results/finer-bases

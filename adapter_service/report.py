@@ -194,7 +194,7 @@ def _plot(methods: dict, path: Path, title: str | None = None) -> None:
         ax.axvline(0.0, color="black", linewidth=0.8)
         what = "the best static LoRA" if key == "vs_best_static" else "the same-rank static LoRA"
         over = "seeds and documents" if any("ci95_seeds" in d for d in deltas) else "documents"
-        ax.set_xlabel(f"paired difference to {what} (< 0: better), 95% CI over {over}")
+        ax.set_xlabel(f"paired difference to {what} (< 0: better)\n95% CI over {over}")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -272,9 +272,9 @@ def run_demo(
         print(
             "      This gain is over the base model; most of it is what any LoRA buys. Against the "
             "static LoRA with this recipe's parameters, each given the experts' training budget, the "
-            "study measured -0.014 on 3 seeds (95% CI over documents -0.024..-0.004, but -0.031..+0.002 "
-            "once seeds are resampled too): 87% of the headroom of per-domain experts given as much "
-            "text, 37% of experts given as many steps; not yet established (docs/adaptation.md)."
+            "study measured -0.016 on 5 seeds (95% CI over seeds and documents -0.029..-0.003): 87% "
+            "of the headroom of per-domain experts given as much text, 37% of experts given as many "
+            "steps (docs/adaptation.md)."
         )
     finally:
         if server is not None:

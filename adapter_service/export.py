@@ -40,7 +40,7 @@ from adapter_service.hypernetwork import (
 )
 from adapter_service.model_spec import find_targets, fingerprint, group_targets
 from adapter_service.runtime import create_session
-from adapter_service.statistics import decoder_layers, parse_statistic, statistic_dim, statistic_layer
+from adapter_service.statistics import parse_statistic, statistic_dim, statistic_layer
 
 log = logging.getLogger(__name__)
 PARITY_TOLERANCE = 1e-5
@@ -99,9 +99,10 @@ def plan_export(
     shared_bases: int = 0,
 ) -> ExportPlan:
     """`max_delta_norm` c caps every emitted delta at ||s B A||_F <= c ||W||_F (needs real weights).
-    `statistic`: `embedding` (mean input embedding), `hidden:L` (mean hidden state after layer L; every
-    target must then sit after layer L, so one prefill can compute the statistic before it is needed)
-    or `encoder[:NAME]` (a sentence encoder's embedding of the prompt text; statistics.py).
+    `statistic`: `embedding` (mean input embedding), `hidden:L` (mean hidden state after layer L of the
+    base model: with targets only after L a server could read it off its own prefill; with targets at
+    or before L it needs a separate pass of the first L layers, which `chameleon_torch` always runs) or
+    `encoder[:NAME]` (a sentence encoder's embedding of the prompt text; statistics.py).
     `kind`/`bases`: the generator (hypernetwork.build_network); `rank` is the emitted rank."""
     if rank < 1:
         raise ValueError(f"rank: expected a positive integer, got {rank}")
@@ -109,8 +110,9 @@ def plan_export(
         raise ValueError(f"max_delta_norm: expected a positive number or None, got {max_delta_norm}")
     stat_kind, params = parse_statistic(statistic)
     found = find_targets(model, targets)
-    _check_targets_after_statistic(model, [m.name for m in found], stat_kind, params)
-    stat_dim = statistic_dim(model, StatisticSpec(kind=stat_kind, dim=1, params=params))
+    spec = StatisticSpec(kind=stat_kind, dim=1, params=params)
+    statistic_layer(spec, model)  # a hidden-state layer the model has
+    stat_dim = statistic_dim(model, spec)
     groups = group_targets(found)
     fp = fingerprint(model)
     alpha = float(alpha if alpha is not None else 2 * rank)
@@ -148,22 +150,6 @@ def plan_export(
         "scaling": scaling,
     }
     return ExportPlan(manifest_base, config, {name: [m.name for m in ms] for name, ms in groups.items()})
-
-
-def _check_targets_after_statistic(
-    model: torch.nn.Module, names: Sequence[str], kind: str, params: dict[str, str]
-) -> None:
-    layer = statistic_layer(StatisticSpec(kind=kind, dim=1, params=params), model)
-    if layer is None:
-        return
-    blocks = decoder_layers(model)
-    prefixes = {module: name for name, module in model.named_modules()}
-    early = [name for block in blocks[:layer] for name in names if name.startswith(prefixes[block] + ".")]
-    if early:
-        raise ValueError(
-            f"targets: {', '.join(early[:4])} sit in decoder layers 1..{layer}, before the statistic "
-            f"(hidden state after layer {layer}); adapt only later layers"
-        )
 
 
 def export_artifact(

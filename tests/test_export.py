@@ -248,15 +248,19 @@ def test_delta_norm_cap_trains_from_zero_and_needs_weights(tmp_path: Path) -> No
         plan_export(meta, ["v_proj"], rank=2, max_delta_norm=0.05)
 
 
-def test_hidden_statistic_is_declared_and_targets_must_come_after_its_layer(tmp_path: Path) -> None:
+def test_hidden_statistic_is_declared_and_its_layer_checked(tmp_path: Path) -> None:
+    """Targets at or before the statistic's layer are allowed: the statistic is then a separate pass of
+    the base model's first L layers (train/serve parity for that case is in test_training)."""
     from adapter_service.client import AdapterClient
     from conftest import start_server
 
     model = tiny_llama()
-    with pytest.raises(
-        ValueError, match=r"targets: model.layers.0.self_attn.v_proj sit in decoder layers 1..1"
-    ):
-        plan_export(model, ["v_proj"], rank=2, statistic="hidden:1")
+    early = plan_export(model, ["v_proj"], rank=2, statistic="hidden:2")
+    assert early.manifest_base["statistic"].params == {"layer": "2"}
+    assert early.group_modules["v_proj"] == [
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.v_proj",
+    ]
     with pytest.raises(
         ValueError, match=r"statistic.params.layer: expected 1..2 \(the model's decoder layers\), got 3"
     ):

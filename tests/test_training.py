@@ -194,6 +194,7 @@ def test_statistic_is_the_plugins_function() -> None:
         ("embedding", ["q_proj", "v_proj"], 4, "full"),
         ("hidden:1", ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"], 6, "full"),
         ("embedding", ["q_proj", "v_proj"], 4, "mixture"),
+        ("hidden:2", ["q_proj", "v_proj"], 7, "mixture"),  # targets before L: a separate partial pass
         ("encoder", ["q_proj", "v_proj"], 5, "full"),
         ("encoder", ["q_proj", "v_proj"], 5, "mixture"),
     ],

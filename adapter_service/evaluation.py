@@ -461,6 +461,8 @@ def run_study(
         report["skipped_runs"] = sorted(skip)
     if config.oracle_statistic:
         report["oracle_statistic"] = True
+    elif config.statistic != "embedding":
+        report["statistic"] = config.statistic
     if lrs:
         report["lr_selection"] = {"candidates": list(lrs), "picks": lr_picks}
     timed = [t for t in run_seconds.values() if t is not None]

@@ -5,6 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def _routed_on(report: dict) -> str:
+    if report.get("oracle_statistic"):
+        return "each prompt's domain label (the oracle diagnostic)"
+    return f"the statistic `{report.get('statistic', 'embedding')}`"
+
+
 def write_report(
     report: dict, out: Path, command: str = "", wall_seconds: float | None = None, invocations: int = 1
 ) -> None:
@@ -13,7 +19,8 @@ def write_report(
         "# Chameleon evaluation report",
         "",
         f"Test documents: {report['test_documents']}; targets {', '.join(report['targets'])}, "
-        f"rank {report['rank']}; hyper-network {report['hypernetwork_params']:,} parameters "
+        f"rank {report['rank']}; routed on {_routed_on(report)}; "
+        f"hyper-network {report['hypernetwork_params']:,} parameters "
         f"(equal-parameter static LoRA: rank {report['static_rank_equal_params']}); seeds {report['seeds']}; "
         f"at most {report['max_steps']} steps of batch {report['batch_size']}"
         + (
@@ -134,7 +141,12 @@ def write_report(
         ]
     lines += ["", "![report](report.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
-    title = "Diagnostic: routed on each prompt's domain label" if report.get("oracle_statistic") else None
+    title = None
+    if report.get("oracle_statistic"):
+        title = "Diagnostic: routed on each prompt's domain label"
+    elif report.get("statistic"):
+        title = f"Routed on the statistic {report['statistic']}"
+
     _plot(methods, out / "report.png", title)
 
 

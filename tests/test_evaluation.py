@@ -320,6 +320,7 @@ def test_a_longer_shared_budget_reuses_only_the_experts_it_leaves_unchanged(
     import pytest
 
     import adapter_service.evaluation as evaluation
+    from adapter_service.report import write_report
 
     model = tiny_llama()
     data = (synthetic(36, 1), synthetic(12, 2), synthetic(12, 3))
@@ -409,6 +410,7 @@ def test_the_label_oracle_routes_the_generator_on_one_hot_domains_only(tmp_path:
     import dataclasses
 
     import adapter_service.evaluation as evaluation
+    from adapter_service.report import write_report
 
     model = tiny_llama()
     data = (synthetic(36, 1), synthetic(12, 2), synthetic(12, 3))
@@ -437,6 +439,10 @@ def test_the_label_oracle_routes_the_generator_on_one_hot_domains_only(tmp_path:
     assert torch.equal(rows.sum(1), torch.ones(len(data[0])))
     assert report["grouping"]["knn_accuracy"] == 1.0 and report["oracle_statistic"]
     assert plain["grouping"]["knn_accuracy"] < 1.0  # the tiny model's embedding does not group perfectly
+    for study, says in ((report, "each prompt's domain label"), (plain, "the statistic `embedding`")):
+        (tmp_path / "md").mkdir(exist_ok=True)
+        write_report(study, tmp_path / "md")
+        assert f"routed on {says}" in (tmp_path / "md" / "report.md").read_text()
     for name in ("static", "experts"):
         path = f"runs/{name}-seed0.json"
         assert (tmp_path / "oracle" / path).read_text() == (tmp_path / "plain" / path).read_text()

@@ -247,6 +247,7 @@ def _train(args: argparse.Namespace) -> int:
         kind=args.network,
         bases=args.bases,
         routing_sharpness=args.routing_sharpness,
+        routing=args.routing,
         shared_bases=args.shared_bases,
     )
     torch.manual_seed(args.seed)
@@ -347,6 +348,7 @@ def _eval(args: argparse.Namespace) -> int:
         network=args.network,
         bases=args.bases,
         routing_sharpness=args.routing_sharpness,
+        routing=args.routing,
         shared_bases=args.shared_bases,
         oracle_statistic=args.oracle_statistic,
         train_policy=_train_policy(args),
@@ -584,6 +586,13 @@ def build_parser() -> argparse.ArgumentParser:
             type=float,
             default=0.3,
             help="mixture: initial logit lead of the nearest prototype (0.3 soft, 4 nearly hard)",
+        )
+        p.add_argument(
+            "--routing",
+            choices=("distance", "table"),
+            default="distance",
+            help="mixture: weights from the distances to learned prototypes, or a learned row of weights "
+            "per nearest fixed k-means prototype ('table')",
         )
         p.add_argument(
             "--train-k",

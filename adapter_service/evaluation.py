@@ -106,6 +106,7 @@ class StudyConfig:
     network: str = "full"
     bases: int = 1
     routing_sharpness: float = 0.3  # mixture only (HyperNetworkConfig.routing_sharpness)
+    routing: str = "distance"  # mixture only (HyperNetworkConfig.routing)
     shared_bases: int = 0  # mixture only: bases always on (HyperNetworkConfig.shared_bases)
     # A diagnostic, never a product setting: every prompt's statistic is its domain label (one-hot), so
     # the generator routes on perfect information. It splits a gap to the experts into what the
@@ -235,6 +236,7 @@ def run_study(
         kind=config.network,
         bases=config.bases,
         routing_sharpness=config.routing_sharpness,
+        routing=config.routing,
         shared_bases=config.shared_bases,
     )
     spec = plan.manifest_base["statistic"]
@@ -463,6 +465,8 @@ def run_study(
         report["oracle_statistic"] = True
     elif config.statistic != "embedding":
         report["statistic"] = config.statistic
+    if config.network == "mixture" and config.routing != "distance":
+        report["routing"] = config.routing
     if lrs:
         report["lr_selection"] = {"candidates": list(lrs), "picks": lr_picks}
     timed = [t for t in run_seconds.values() if t is not None]
@@ -537,6 +541,7 @@ _GENERATOR_ONLY = (
     "network",
     "bases",
     "routing_sharpness",
+    "routing",
     "shared_bases",
     "train_policy",
     "eval_ks",

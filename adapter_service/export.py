@@ -97,6 +97,7 @@ def plan_export(
     bases: int = 1,
     routing_sharpness: float = 0.3,
     shared_bases: int = 0,
+    routing: str = "distance",
 ) -> ExportPlan:
     """`max_delta_norm` c caps every emitted delta at ||s B A||_F <= c ||W||_F (needs real weights).
     `statistic`: `embedding` (mean input embedding), `hidden:L` (mean hidden state after layer L of the
@@ -141,6 +142,7 @@ def plan_export(
         bases=bases,
         routing_sharpness=routing_sharpness,
         shared_bases=shared_bases,
+        routing=routing,
     )
     check_kind(config)
     manifest_base = {

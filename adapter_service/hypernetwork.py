@@ -16,7 +16,8 @@ Two kinds (`HyperNetworkConfig.kind`):
   Prototypes start at k-means centroids of the training statistics, standardised with the training
   mean and spread (raw statistics point in nearly one direction), so the network starts out routing
   unlike prompts to unlike bases. The emitted adapter is the concatenation of the weighted bases, an
-  ordinary rank-`rank` LoRA: service, codec and plugins need nothing new.
+  ordinary rank-`rank` LoRA: service, codec and plugins need nothing new. With `routing="table"` the
+  nearest prototype (fixed after k-means) only picks a row of learned weights.
 
 An optional cap bounds every emitted delta, ||s B A||_F <= c ||W||_F per cluster and module, inside
 the network (so the exported graph enforces it too): a centroid unlike anything seen in training
@@ -58,6 +59,10 @@ class HyperNetworkConfig:
     # mixture: how many of the `bases` are always on (weight 1, not routed), a static LoRA inside the
     # mixture; the other bases - shared_bases are routed. 0: every basis is routed.
     shared_bases: int = 0
+    # mixture: "distance" (weights from the statistic's distances to learned prototypes) or "table"
+    # (the nearest of fixed k-means prototypes picks a row of learned weights: requests of one group
+    # share their weights exactly, as with the label oracle of docs/adaptation.md, without labels).
+    routing: str = "distance"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -117,6 +122,7 @@ class AdapterGenerator(nn.Module):
 
 
 KINDS = ("full", "mixture")
+ROUTINGS = ("distance", "table")
 
 
 def emitted_rank(kind: str, rank: int, bases: int) -> int:
@@ -144,6 +150,10 @@ def check_kind(config: HyperNetworkConfig) -> None:
         raise ValueError(f"shared_bases: only a mixture has bases to share; expected 0, got {s!r}")
     if not config.routing_sharpness > 0:
         raise ValueError(f"routing_sharpness: expected a positive number, got {config.routing_sharpness!r}")
+    if config.routing not in ROUTINGS:
+        raise ValueError(f"routing: got {config.routing!r}, expected one of {', '.join(ROUTINGS)}")
+    if config.kind != "mixture" and config.routing != "distance":
+        raise ValueError(f"routing: only a mixture routes; expected 'distance', got {config.routing!r}")
 
 
 def build_network(config: HyperNetworkConfig) -> AdapterGenerator:
@@ -203,6 +213,11 @@ class MixtureHyperNetwork(AdapterGenerator):
     the rest: a static LoRA plus routed ones, so routing only has to add to what a static LoRA does. Call
     `fit_statistics` with the training statistics before training; the fitted mean, spread and
     prototypes live in the state dict and in the exported graph.
+
+    `routing="table"`: the prototypes stay at their k-means centroids, and the nearest one picks a row
+    of a learned [prototypes, routed] logit table, started at the distance router's logits at each
+    prototype. Every request of one group gets exactly the same weights, as the label oracle's one-hot
+    rows did, with groups found without labels.
     """
 
     def __init__(self, config: HyperNetworkConfig) -> None:
@@ -218,6 +233,11 @@ class MixtureHyperNetwork(AdapterGenerator):
         self.register_buffer("stat_scale", torch.ones(d))
         self.prototypes = nn.Parameter(torch.randn(self.routed, d))
         self.log_temperature = nn.Parameter(torch.tensor(float(d) ** 0.5).log())
+        self.table = None
+        if config.routing == "table":  # argmin passes no gradient: the prototypes stay where k-means put them
+            self.prototypes.requires_grad_(False)
+            self.log_temperature.requires_grad_(False)
+            self.table = nn.Parameter(torch.zeros(self.routed, self.routed))
         self.a = nn.ParameterList(
             [nn.Parameter(torch.randn(g.num_modules, m, r, g.d_in) / g.d_in**0.5) for g in config.groups]
         )
@@ -254,12 +274,18 @@ class MixtureHyperNetwork(AdapterGenerator):
         nearest = torch.cdist(x, prototypes).pow(2).topk(min(2, len(prototypes)), largest=False).values
         gap = (nearest[:, -1] - nearest[:, 0]).mean() if len(prototypes) > 1 else nearest.mean()
         self.log_temperature.copy_((gap / self.config.routing_sharpness).clamp_min(1e-6).log())
+        if self.table is not None:
+            self.table.copy_(-torch.cdist(prototypes, prototypes).pow(2) / self.log_temperature.exp())
 
     def weights(self, centroids: torch.Tensor) -> torch.Tensor:
         """[K, bases] basis weights (summing to `bases`; the shared ones are 1)."""
         x = (centroids - self.stat_mean) / self.stat_scale
         distance = (x[:, None, :] - self.prototypes[None, :, :]).pow(2).sum(-1)
-        routed = self.routed * torch.softmax(-distance / self.log_temperature.exp(), dim=-1)
+        if self.table is None:
+            logits = -distance / self.log_temperature.exp()
+        else:
+            logits = self.table[distance.argmin(dim=-1)]
+        routed = self.routed * torch.softmax(logits, dim=-1)
         if self.config.shared_bases == 0:
             return routed
         return torch.cat([routed.new_ones(routed.shape[0], self.config.shared_bases), routed], dim=-1)

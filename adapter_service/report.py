@@ -8,7 +8,8 @@ from pathlib import Path
 def _routed_on(report: dict) -> str:
     if report.get("oracle_statistic"):
         return "each prompt's domain label (the oracle diagnostic)"
-    return f"the statistic `{report.get('statistic', 'embedding')}`"
+    routing = f" ({report['routing']} routing)" if report.get("routing") else ""
+    return f"the statistic `{report.get('statistic', 'embedding')}`{routing}"
 
 
 def write_report(
@@ -144,8 +145,8 @@ def write_report(
     title = None
     if report.get("oracle_statistic"):
         title = "Diagnostic: routed on each prompt's domain label"
-    elif report.get("statistic"):
-        title = f"Routed on the statistic {report['statistic']}"
+    elif report.get("statistic") or report.get("routing"):
+        title = f"Routed on {_routed_on(report).replace('`', '')}"
 
     _plot(methods, out / "report.png", title)
 

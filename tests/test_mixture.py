@@ -129,3 +129,42 @@ def test_shared_bases_are_always_on_and_the_rest_are_routed(tmp_path: Path) -> N
         want = network(stats[:5])
     for i, group in enumerate(artifact.manifest.groups):
         np.testing.assert_allclose(got[group.name].b, want[2 * i + 1].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_table_routing_gives_each_group_one_learned_row_of_weights(tmp_path: Path) -> None:
+    """`routing="table"`: the nearest fixed prototype picks a row of learned weights, so every request
+    of a group gets exactly the same weights (the label oracle's property, without labels). It starts
+    as the distance router does at each prototype, learns the table only, and exports with parity."""
+    plan, network = mixture(rank=6, bases=3, routing="table")
+    _, distance = mixture(rank=6, bases=3)
+    stats = two_groups(40)
+    with torch.no_grad():
+        network.fit_statistics(stats)
+        distance.fit_statistics(stats)
+        weights = network.weights(stats)
+        # at the prototypes themselves the two routers agree: the table starts where distance routing is
+        at_prototypes = network.prototypes * network.stat_scale + network.stat_mean
+        torch.testing.assert_close(network.weights(at_prototypes), distance.weights(at_prototypes))
+    torch.testing.assert_close(weights.sum(1), torch.full((40,), 3.0))
+    x = (stats - network.stat_mean) / network.stat_scale
+    codes = torch.cdist(x, network.prototypes).argmin(1)
+    assert not set(codes[0::2].tolist()) & set(codes[1::2].tolist())  # k-means keeps the groups apart
+    for code in codes.unique():  # one group, one row of weights, exactly
+        rows = weights[codes == code]
+        assert torch.equal(rows, rows[:1].expand_as(rows))
+    assert not torch.equal(weights[0], weights[1])
+    network.train()
+    sum(o.square().sum() for o in network(stats[:6])).backward()
+    assert network.table.grad is not None and network.table.grad.abs().sum() > 0
+    assert network.prototypes.grad is None and network.log_temperature.grad is None  # fixed by k-means
+    artifact = export_artifact(network.eval(), plan, tmp_path / "a")
+    assert artifact.manifest.hypernetwork["config"]["routing"] == "table"
+    got = HyperNetworkRuntime(artifact).generate(stats[:5].numpy())
+    with torch.no_grad():
+        want = network(stats[:5])
+    for i, group in enumerate(artifact.manifest.groups):
+        np.testing.assert_allclose(got[group.name].b, want[2 * i + 1].numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="routing: got 'hard', expected one of distance, table"):
+        mixture(routing="hard")
+    with pytest.raises(ValueError, match="routing: only a mixture routes"):
+        plan_export(tiny_llama(), ["q_proj"], rank=4, routing="table")

@@ -195,6 +195,7 @@ def test_statistic_is_the_plugins_function() -> None:
         ("hidden:1", ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"], 6, "full"),
         ("embedding", ["q_proj", "v_proj"], 4, "mixture"),
         ("hidden:2", ["q_proj", "v_proj"], 7, "mixture"),  # targets before L: a separate partial pass
+        ("embedding", ["q_proj", "v_proj"], 8, "mixture:table"),  # one learned row of weights per prototype
         ("encoder", ["q_proj", "v_proj"], 5, "full"),
         ("encoder", ["q_proj", "v_proj"], 5, "mixture"),
     ],
@@ -211,8 +212,17 @@ def test_training_application_equals_the_plugin_with_the_exported_artifact(
     model, tokenizer = tiny_llama(), word_tokenizer()
     if statistic == "encoder":
         statistic = f"encoder:{encoder_dir}"
+    kind, _, routing = kind.partition(":")
     plan = plan_export(
-        model, targets, rank=4, init="random", hidden=32, statistic=statistic, kind=kind, bases=2
+        model,
+        targets,
+        rank=4,
+        init="random",
+        hidden=32,
+        statistic=statistic,
+        kind=kind,
+        bases=2,
+        routing=routing or "distance",
     )
     spec = plan.manifest_base["statistic"]
     torch.manual_seed(seed)

@@ -19,6 +19,7 @@ mixed16-router`): fitted on the training prompts, scored on the test prompts, 5-
 probe's accuracy (what a learned router could at best extract) and the label purity of `--bases`
 k-means prototypes (what the router starts from). `--artifact DIR` adds a trained mixture's own routing
 weights, as its exported graph computes them, scored the same way: what the router actually passes on.
+Written to the JSON's `router_view` and plotted in `..._router.png`.
 
 Writes statistic_grouping[_DATA].json and .png (no suffix for wiki+bbc).
 """
@@ -262,6 +263,9 @@ def _plot(results: dict, path: Path) -> None:
         - results["statistics"][n]["labels"]["policies"]["k=4"]["chance_purity"]
         for n in names
     ]
+    view = results.get("router_view")
+    if view:
+        _plot_router_view(view, path.with_name(path.stem + "_router.png"))
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.4 * len(names) + 1.8), sharey=True)
     axes[0].barh(names, knn, color="#1f77b4")
     first = results["statistics"][names[0]]["labels"]
@@ -274,6 +278,33 @@ def _plot(results: dict, path: Path) -> None:
     fig.suptitle(
         f"Does the statistic group {results['data']} prompts by domain? ({results['documents']} prompts)"
     )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_router_view(view: dict, path: Path) -> None:
+    """Grouped bars: what a router could get from each statistic, and what a trained one passes on."""
+    import matplotlib.pyplot as plt
+
+    names = list(view["statistics"])
+    metrics = [
+        ("knn5", "5-NN accuracy"),
+        ("probe", "linear probe accuracy"),
+        (next(k for k in view["statistics"][names[0]] if k.startswith("prototypes")), "prototype purity"),
+        ("top_basis_purity", "top-basis purity (trained router)"),
+    ]
+    fig, ax = plt.subplots(figsize=(10, 0.55 * len(names) + 2.4))
+    height = 0.8 / len(metrics)
+    for i, (key, label) in enumerate(metrics):
+        values = [view["statistics"][n].get(key, float("nan")) for n in names]
+        ax.barh([j + i * height for j in range(len(names))], values, height=height, label=label)
+    ax.set_yticks([j + 0.4 - height / 2 for j in range(len(names))], names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"fitted on {view['train']} training prompts, scored on {view['test']} test prompts")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4, fontsize=8)
+    ax.set_title("What a mixture's router can get from each statistic, and what a trained one passes on")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

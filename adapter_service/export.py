@@ -40,7 +40,7 @@ from adapter_service.hypernetwork import (
 )
 from adapter_service.model_spec import find_targets, fingerprint, group_targets
 from adapter_service.runtime import create_session
-from adapter_service.statistics import parse_statistic, statistic_dim, statistic_layer
+from adapter_service.statistics import parse_statistic, statistic_dim
 
 log = logging.getLogger(__name__)
 PARITY_TOLERANCE = 1e-5
@@ -111,9 +111,7 @@ def plan_export(
         raise ValueError(f"max_delta_norm: expected a positive number or None, got {max_delta_norm}")
     stat_kind, params = parse_statistic(statistic)
     found = find_targets(model, targets)
-    spec = StatisticSpec(kind=stat_kind, dim=1, params=params)
-    statistic_layer(spec, model)  # a hidden-state layer the model has
-    stat_dim = statistic_dim(model, spec)
+    stat_dim = statistic_dim(model, StatisticSpec(kind=stat_kind, dim=1, params=params))
     groups = group_targets(found)
     fp = fingerprint(model)
     alpha = float(alpha if alpha is not None else 2 * rank)

@@ -147,7 +147,6 @@ def write_report(
         title = "Diagnostic: routed on each prompt's domain label"
     elif report.get("statistic") or report.get("routing"):
         title = f"Routed on {_routed_on(report).replace('`', '')}"
-
     _plot(methods, out / "report.png", title)
 
 

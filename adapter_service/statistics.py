@@ -254,8 +254,9 @@ def compute_statistic(
 
 
 def statistic_dim(model: torch.nn.Module, spec: StatisticLike) -> int:
-    """D of the statistic `spec` describes for `model`: the model's width, or the encoder's."""
-    statistic_layer(spec)  # validates
+    """D of the statistic `spec` describes for `model`: the model's width, or the encoder's. Validates
+    the spec, a hidden-state layer against this model's layers too."""
+    statistic_layer(spec, model)
     if spec.kind == SENTENCE_ENCODER:
         return load_sentence_encoder(encoder_params(spec)[0]).dim
     return int(model.get_input_embeddings().weight.shape[1])

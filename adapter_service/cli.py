@@ -233,7 +233,14 @@ def _train(args: argparse.Namespace) -> int:
 
     from adapter_service.export import export_artifact, plan_export
     from adapter_service.hypernetwork import build_network, emitted_rank
-    from adapter_service.training import PrefixCache, StaticLoRA, StatisticCache, TrainConfig, train
+    from adapter_service.training import (
+        PrefixCache,
+        StaticLoRA,
+        StatisticCache,
+        TrainConfig,
+        router_labels,
+        train,
+    )
 
     model, tokenizer, splits = _study_inputs(args)
     targets = _targets(args.targets)
@@ -248,6 +255,7 @@ def _train(args: argparse.Namespace) -> int:
         bases=args.bases,
         routing_sharpness=args.routing_sharpness,
         routing=args.routing,
+        labels=router_labels(args.routing, splits.train),
         shared_bases=args.shared_bases,
     )
     torch.manual_seed(args.seed)
@@ -589,10 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--routing",
-            choices=("distance", "table"),
+            choices=("distance", "table", "classifier"),
             default="distance",
-            help="mixture: weights from the distances to learned prototypes, or a learned row of weights "
-            "per nearest fixed k-means prototype ('table')",
+            help="mixture: weights from the distances to learned prototypes, a learned row of weights "
+            "per nearest fixed k-means prototype ('table'), or distances in the label probabilities of "
+            "a linear classifier fitted to the training labels ('classifier'; serving needs no labels)",
         )
         p.add_argument(
             "--train-k",

@@ -34,6 +34,7 @@ from adapter_service.training import (
     adapters_for_batch,
     batch_statistics,
     mean_nll,
+    router_labels,
     train,
 )
 
@@ -237,6 +238,7 @@ def run_study(
         bases=config.bases,
         routing_sharpness=config.routing_sharpness,
         routing=config.routing,
+        labels=router_labels(config.routing, train_examples),
         shared_bases=config.shared_bases,
     )
     spec = plan.manifest_base["statistic"]

@@ -98,13 +98,15 @@ def plan_export(
     routing_sharpness: float = 0.3,
     shared_bases: int = 0,
     routing: str = "distance",
+    labels: Sequence[str] = (),
 ) -> ExportPlan:
     """`max_delta_norm` c caps every emitted delta at ||s B A||_F <= c ||W||_F (needs real weights).
     `statistic`: `embedding` (mean input embedding), `hidden:L` (mean hidden state after layer L of the
     base model: with targets only after L a server could read it off its own prefill; with targets at
     or before L it needs a separate pass of the first L layers, which `chameleon_torch` always runs) or
     `encoder[:NAME]` (a sentence encoder's embedding of the prompt text; statistics.py).
-    `kind`/`bases`: the generator (hypernetwork.build_network); `rank` is the emitted rank."""
+    `kind`/`bases`: the generator (hypernetwork.build_network); `rank` is the emitted rank. `labels`:
+    the training data's label names, for a mixture routed by a label classifier (`routing`)."""
     if rank < 1:
         raise ValueError(f"rank: expected a positive integer, got {rank}")
     if max_delta_norm is not None and not max_delta_norm > 0:
@@ -141,6 +143,7 @@ def plan_export(
         routing_sharpness=routing_sharpness,
         shared_bases=shared_bases,
         routing=routing,
+        labels=tuple(labels),
     )
     check_kind(config)
     manifest_base = {

@@ -17,7 +17,9 @@ Two kinds (`HyperNetworkConfig.kind`):
   mean and spread (raw statistics point in nearly one direction), so the network starts out routing
   unlike prompts to unlike bases. The emitted adapter is the concatenation of the weighted bases, an
   ordinary rank-`rank` LoRA: service, codec and plugins need nothing new. With `routing="table"` the
-  nearest prototype (fixed after k-means) only picks a row of learned weights.
+  nearest prototype (fixed after k-means) only picks a row of learned weights; with
+  `routing="classifier"` the distances are taken from a linear classifier's label probabilities,
+  fitted to the training data's labels (labels at training time only; serving needs none).
 
 An optional cap bounds every emitted delta, ||s B A||_F <= c ||W||_F per cluster and module, inside
 the network (so the exported graph enforces it too): a centroid unlike anything seen in training
@@ -26,6 +28,7 @@ cannot produce an arbitrarily large change to the model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -63,6 +66,8 @@ class HyperNetworkConfig:
     # (the nearest of fixed k-means prototypes picks a row of learned weights: requests of one group
     # share their weights exactly, as with the label oracle of docs/adaptation.md, without labels).
     routing: str = "distance"
+    # mixture with routing "classifier": the training labels, in the order of the classifier's outputs.
+    labels: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -72,7 +77,7 @@ class HyperNetworkConfig:
         groups = tuple(
             GroupShape(**{**g, "norm_limits": tuple(g.get("norm_limits", ()))}) for g in data["groups"]
         )
-        return cls(**{**data, "groups": groups})
+        return cls(**{**data, "groups": groups, "labels": tuple(data.get("labels", ()))})
 
 
 def cap_delta_norm(a: torch.Tensor, b: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
@@ -122,7 +127,7 @@ class AdapterGenerator(nn.Module):
 
 
 KINDS = ("full", "mixture")
-ROUTINGS = ("distance", "table")
+ROUTINGS = ("distance", "table", "classifier")
 
 
 def emitted_rank(kind: str, rank: int, bases: int) -> int:
@@ -154,6 +159,33 @@ def check_kind(config: HyperNetworkConfig) -> None:
         raise ValueError(f"routing: got {config.routing!r}, expected one of {', '.join(ROUTINGS)}")
     if config.kind != "mixture" and config.routing != "distance":
         raise ValueError(f"routing: only a mixture routes; expected 'distance', got {config.routing!r}")
+    labels = config.labels
+    if config.routing == "classifier":
+        if len(labels) < 2 or len(set(labels)) != len(labels) or not all(isinstance(x, str) for x in labels):
+            raise ValueError(
+                f"labels: routing 'classifier' needs at least 2 distinct label names, got {labels!r}"
+            )
+    elif labels:
+        raise ValueError(f"labels: only routing 'classifier' uses labels; expected (), got {labels!r}")
+
+
+def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, classes: int, seed: int = 0) -> nn.Linear:
+    """A multinomial logistic regression of `y` [N] on standardised rows `x` [N, D] (full-batch Adam,
+    lr 1e-2, weight decay 1e-3, 300 steps, seeded): the classifier router's fit, and the grouping
+    benchmark's measure of how well any linear router could tell the labels apart."""
+    generator = torch.Generator().manual_seed(seed)
+    probe = nn.Linear(x.shape[1], classes)
+    with torch.no_grad():
+        bound = 1.0 / x.shape[1] ** 0.5
+        probe.weight.uniform_(-bound, bound, generator=generator)
+        probe.bias.zero_()
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-3)
+    with torch.enable_grad():
+        for _ in range(300):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(probe(x), y).backward()
+            optimizer.step()
+    return probe.requires_grad_(False)
 
 
 def build_network(config: HyperNetworkConfig) -> AdapterGenerator:
@@ -218,6 +250,11 @@ class MixtureHyperNetwork(AdapterGenerator):
     of a learned [prototypes, routed] logit table, started at the distance router's logits at each
     prototype. Every request of one group gets exactly the same weights, as the label oracle's one-hot
     rows did, with groups found without labels.
+
+    `routing="classifier"`: the label oracle's router with predicted labels. A linear classifier of the
+    standardised statistic is fitted once to the training labels (`fit_statistics(..., labels=)`) and
+    frozen; distance routing then runs on its standardised label probabilities, as the oracle's ran on
+    one-hot labels. Labels are needed at training time only: the exported graph takes the statistic.
     """
 
     def __init__(self, config: HyperNetworkConfig) -> None:
@@ -231,6 +268,12 @@ class MixtureHyperNetwork(AdapterGenerator):
         self.routed = m - config.shared_bases
         self.register_buffer("stat_mean", torch.zeros(d))
         self.register_buffer("stat_scale", torch.ones(d))
+        self.classifier = None
+        if config.routing == "classifier":
+            self.classifier = nn.Linear(d, len(config.labels)).requires_grad_(False)
+            d = len(config.labels)  # the router's input: label probabilities, standardised
+            self.register_buffer("label_mean", torch.zeros(d))
+            self.register_buffer("label_scale", torch.ones(d))
         self.prototypes = nn.Parameter(torch.randn(self.routed, d))
         self.log_temperature = nn.Parameter(torch.tensor(float(d) ** 0.5).log())
         self.table = None
@@ -248,9 +291,12 @@ class MixtureHyperNetwork(AdapterGenerator):
         self.caps = DeltaNormCaps(config.groups)
 
     @torch.no_grad()
-    def fit_statistics(self, stats: torch.Tensor, seed: int = 0) -> None:
+    def fit_statistics(
+        self, stats: torch.Tensor, seed: int = 0, labels: Sequence[str | None] | None = None
+    ) -> None:
         """Standardise with the training statistics; prototypes start at their k-means centroids, and the
-        temperature gives the nearest prototype a mean logit lead of `routing_sharpness` over the second."""
+        temperature gives the nearest prototype a mean logit lead of `routing_sharpness` over the second.
+        A classifier router is first fitted to `labels` (one per row); other routers ignore them."""
         from adapter_service.clustering import FixedK, cluster
 
         stats = stats.detach().float().cpu()
@@ -264,6 +310,8 @@ class MixtureHyperNetwork(AdapterGenerator):
         self.stat_mean.copy_(stats.mean(0))
         self.stat_scale.copy_(stats.std(0).clamp_min(1e-6))
         x = (stats - self.stat_mean) / self.stat_scale
+        if self.classifier is not None:
+            x = self._fit_classifier(x, labels, seed)
         # The service's k-means (cosine) on the standardised statistics; prototypes are member means.
         groups = torch.from_numpy(cluster(x.numpy(), FixedK(routed), seed=seed).assignments)
         prototypes = torch.stack([x[groups == j].mean(0) for j in torch.unique(groups)])
@@ -277,9 +325,29 @@ class MixtureHyperNetwork(AdapterGenerator):
         if self.table is not None:
             self.table.copy_(-torch.cdist(prototypes, prototypes).pow(2) / self.log_temperature.exp())
 
+    def _fit_classifier(
+        self, x: torch.Tensor, labels: Sequence[str | None] | None, seed: int
+    ) -> torch.Tensor:
+        """Fit the classifier on standardised rows `x`; returns the router's inputs for them."""
+        names = self.config.labels
+        if labels is None or len(labels) != x.shape[0] or any(label not in names for label in labels):
+            found = sorted({str(label) for label in labels or ()})
+            raise ValueError(
+                f"labels: routing 'classifier' needs one label from {list(names)} per training row "
+                f"({x.shape[0]} rows), got {len(labels or ())} labels with values {found[:8]}"
+            )
+        y = torch.tensor([names.index(label) for label in labels])
+        self.classifier.load_state_dict(fit_linear_probe(x, y, len(names), seed).state_dict())
+        p = torch.softmax(self.classifier(x), dim=-1)
+        self.label_mean.copy_(p.mean(0))
+        self.label_scale.copy_(p.std(0).clamp_min(1e-6))
+        return (p - self.label_mean) / self.label_scale
+
     def weights(self, centroids: torch.Tensor) -> torch.Tensor:
         """[K, bases] basis weights (summing to `bases`; the shared ones are 1)."""
         x = (centroids - self.stat_mean) / self.stat_scale
+        if self.classifier is not None:
+            x = (torch.softmax(self.classifier(x), dim=-1) - self.label_mean) / self.label_scale
         distance = (x[:, None, :] - self.prototypes[None, :, :]).pow(2).sum(-1)
         if self.table is None:
             logits = -distance / self.log_temperature.exp()

@@ -9,6 +9,8 @@ def _routed_on(report: dict) -> str:
     if report.get("oracle_statistic"):
         return "each prompt's domain label (the oracle diagnostic)"
     routing = f" ({report['routing']} routing)" if report.get("routing") else ""
+    if report.get("routing") == "classifier":
+        routing = " (classifier routing: fitted to the training labels, served without labels)"
     return f"the statistic `{report.get('statistic', 'embedding')}`{routing}"
 
 

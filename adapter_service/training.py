@@ -59,6 +59,20 @@ def make_examples(
     return examples
 
 
+def router_labels(routing: str, examples: Sequence[Example]) -> tuple[str, ...]:
+    """The label names a router learns from (`plan_export(labels=)`): the training data's, sorted, for a
+    classifier router; none for any other."""
+    if routing != "classifier":
+        return ()
+    unlabelled = sum(e.label is None for e in examples)
+    if unlabelled:
+        raise ValueError(
+            f"routing: 'classifier' learns from labels, but {unlabelled} of {len(examples)} training "
+            "examples have none; label every document or use routing 'distance'"
+        )
+    return tuple(sorted({e.label for e in examples}))
+
+
 class StaticLoRA(AdapterGenerator):
     """One learned (A, B) per target module, emitted for every centroid: the static-LoRA baseline
     with the hyper-network's interface, so it trains, exports and serves the same way."""
@@ -436,7 +450,8 @@ def train(
     """Train `network` (the model stays frozen); keeps the best validation state in `network`.
 
     With `prefix`, only the layers from the first adapted one on run (states before it are cached).
-    A network with `fit_statistics` (the mixture) is first fitted to the training statistics.
+    A network with `fit_statistics` (the mixture) is first fitted to the training statistics (and
+    labels, which only a classifier router uses).
     """
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -446,7 +461,11 @@ def train(
         prefix.add([*train_examples, *validation_examples], config.batch_size, progress)
     statistics = statistics or StatisticCache(model, config.statistic)
     if hasattr(network, "fit_statistics"):
-        network.fit_statistics(statistics([e.prompt for e in train_examples]), seed=config.seed)
+        network.fit_statistics(
+            statistics([e.prompt for e in train_examples]),
+            seed=config.seed,
+            labels=[e.label for e in train_examples],
+        )
     applier = DeltaApplier(model, names, scaling)
     lr_factor(1, config.schedule, config.warmup_steps, config.max_steps)  # refuse a bad schedule now
     if config.clip_grad_norm is not None and not config.clip_grad_norm > 0:

@@ -168,3 +168,80 @@ def test_table_routing_gives_each_group_one_learned_row_of_weights(tmp_path: Pat
         mixture(routing="hard")
     with pytest.raises(ValueError, match="routing: only a mixture routes"):
         plan_export(tiny_llama(), ["q_proj"], rank=4, routing="table")
+
+
+def label_and_nuisance(n: int = 60, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """Statistics whose labels differ along one direction while an unrelated split moves every
+    direction: unsupervised k-means follows the split, a classifier of the labels does not."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randn(64, generator=g) * 5
+    nuisance = torch.randn(2, 64, generator=g)
+    label_axis = torch.zeros(64)
+    label_axis[1] = 1.0
+    rows, labels = [], []
+    for i in range(n):
+        label = i % 2
+        row = common + nuisance[(i // 2) % 2] + (2 * label - 1) * label_axis
+        rows.append(row + 0.05 * torch.randn(64, generator=g))
+        labels.append(("news", "scripture")[label])
+    return torch.stack(rows), labels
+
+
+def test_classifier_routing_learns_from_labels_and_serves_from_the_statistic_alone(tmp_path: Path) -> None:
+    """`routing="classifier"`: a linear classifier fitted to the training labels (then frozen) feeds
+    the distance router, as the label oracle's one-hot rows did. It routes by label where k-means on
+    the statistic follows an unrelated split; the exported graph takes the statistic only."""
+    labels = ("news", "scripture")
+    plan, network = mixture(rank=4, bases=2, routing="classifier", labels=labels, routing_sharpness=4.0)
+    _, distance = mixture(rank=4, bases=2, routing_sharpness=4.0)
+    rows, all_names = label_and_nuisance(120)
+    stats, names, test, test_names = rows[:60], all_names[:60], rows[60:], all_names[60:]
+    with torch.no_grad():
+        network.fit_statistics(stats, labels=names)
+        distance.fit_statistics(stats)
+        weights, unsupervised = network.weights(test), distance.weights(test)
+    truth = torch.tensor([labels.index(name) for name in test_names])
+
+    def agreement(w: torch.Tensor) -> float:  # with the labels, whichever basis each label took
+        hits = float((w.argmax(1) == truth).float().mean())
+        return max(hits, 1.0 - hits)
+
+    assert agreement(weights) >= 0.95  # one basis per label, on held-out rows
+    assert agreement(unsupervised) <= 0.65  # k-means on the statistic follows the other split
+    torch.testing.assert_close(weights.sum(1), torch.full((60,), 2.0))
+    assert network.prototypes.shape == (2, 2)  # the router sees label probabilities
+    network.train()
+    sum(o.square().sum() for o in network(test[:6])).backward()
+    assert network.classifier.weight.grad is None  # frozen: fitted to the labels once
+    assert network.prototypes.grad is not None and network.prototypes.grad.abs().sum() > 0
+    artifact = export_artifact(network.eval(), plan, tmp_path / "a")
+    config = artifact.manifest.hypernetwork["config"]
+    assert config["routing"] == "classifier" and config["labels"] == list(labels)
+    got = HyperNetworkRuntime(artifact).generate(test[:5].numpy())
+    with torch.no_grad():
+        want = network(test[:5])
+    for i, group in enumerate(artifact.manifest.groups):
+        np.testing.assert_allclose(got[group.name].b, want[2 * i + 1].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_classifier_routing_refuses_missing_or_stray_labels() -> None:
+    with pytest.raises(ValueError, match="labels: routing 'classifier' needs at least 2 distinct label"):
+        mixture(routing="classifier")
+    with pytest.raises(ValueError, match="labels: only routing 'classifier' uses labels"):
+        mixture(labels=("a", "b"))
+    _, network = mixture(routing="classifier", labels=("a", "b"))
+    stats, _ = label_and_nuisance(10)
+    with pytest.raises(ValueError, match=r"labels: routing 'classifier' needs one label from \['a', 'b'\]"):
+        network.fit_statistics(stats)
+    with pytest.raises(ValueError, match=r"got 10 labels with values \['a', 'c'\]"):
+        network.fit_statistics(stats, labels=["a", "c"] * 5)
+
+
+def test_classifier_labels_come_from_labelled_training_data() -> None:
+    from adapter_service.training import Example, router_labels
+
+    examples = [Example((1,), (2,), label) for label in ("news", "fortunes", "news")]
+    assert router_labels("classifier", examples) == ("fortunes", "news")
+    assert router_labels("distance", examples) == ()
+    with pytest.raises(ValueError, match="routing: 'classifier' learns from labels, but 1 of 4"):
+        router_labels("classifier", [*examples, Example((1,), (2,))])

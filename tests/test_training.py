@@ -196,6 +196,7 @@ def test_statistic_is_the_plugins_function() -> None:
         ("embedding", ["q_proj", "v_proj"], 4, "mixture"),
         ("hidden:2", ["q_proj", "v_proj"], 7, "mixture"),  # targets before L: a separate partial pass
         ("embedding", ["q_proj", "v_proj"], 8, "mixture:table"),  # one learned row of weights per prototype
+        ("embedding", ["q_proj", "v_proj"], 9, "mixture:classifier"),  # labels at training time only
         ("encoder", ["q_proj", "v_proj"], 5, "full"),
         ("encoder", ["q_proj", "v_proj"], 5, "mixture"),
     ],
@@ -223,13 +224,15 @@ def test_training_application_equals_the_plugin_with_the_exported_artifact(
         kind=kind,
         bases=2,
         routing=routing or "distance",
+        labels=("d0", "d1", "d2") if routing == "classifier" else (),
     )
     spec = plan.manifest_base["statistic"]
     torch.manual_seed(seed)
     network = build_network(plan.hypernetwork_config).eval()
     if kind == "mixture":  # fitted to some statistics, so the routing differs between clusters
-        fit = torch.tensor([e.prompt for e in synthetic(30, 9)])
-        network.fit_statistics(batch_statistics(model, fit, spec, tokenizer))
+        fit = synthetic(30, 9)
+        stats = batch_statistics(model, torch.tensor([e.prompt for e in fit]), spec, tokenizer)
+        network.fit_statistics(stats, labels=[e.label for e in fit])
     artifact = export_artifact(network, plan, tmp_path / "artifact")
     data = synthetic(9, 5)
     prompts = torch.tensor([e.prompt for e in data])

@@ -40,7 +40,8 @@ def nmi(a: Sequence, b: Sequence) -> float:
     return float(mutual / ((ha + hb) / 2))
 
 
-def _purity(assignments: np.ndarray, labels: Sequence[str]) -> int:
+def purity_hits(assignments: np.ndarray, labels: Sequence) -> int:
+    """How many rows carry their group's most common label (purity = hits / rows)."""
     hits = 0
     for c in np.unique(assignments):
         hits += Counter(labels[i] for i in np.flatnonzero(assignments == c)).most_common(1)[0][1]
@@ -92,9 +93,9 @@ def grouping_diagnostics(
             rows = list(range(start, min(start + batch_size, len(labels))))
             batch_labels = [labels[i] for i in rows]
             assignments = cluster(stats[rows], policy, seed=seed).assignments
-            hits += _purity(assignments, batch_labels)
+            hits += purity_hits(assignments, batch_labels)
             shuffled = rng.permutation(assignments)  # same cluster sizes, no relation to the prompts
-            chance += _purity(shuffled, batch_labels)
+            chance += purity_hits(shuffled, batch_labels)
             scores.append(nmi(assignments.tolist(), batch_labels))
             chance_scores.append(nmi(shuffled.tolist(), batch_labels))
             ks.append(len(np.unique(assignments)))

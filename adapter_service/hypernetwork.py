@@ -169,6 +169,25 @@ def check_kind(config: HyperNetworkConfig) -> None:
         raise ValueError(f"labels: only routing 'classifier' uses labels; expected (), got {labels!r}")
 
 
+def standardisation(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and spread of training rows [N, D], as a router standardises its input: raw statistics
+    point in nearly one direction, so distances mean little before this."""
+    return rows.mean(0), rows.std(0).clamp_min(1e-6)
+
+
+def fit_prototypes(x: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
+    """`count` prototypes [count, D] of standardised rows `x`: the service's k-means (cosine), member
+    means; random rows fill in when there are fewer distinct rows than prototypes."""
+    from adapter_service.clustering import FixedK, cluster
+
+    groups = torch.from_numpy(cluster(x.numpy(), FixedK(count), seed=seed).assignments)
+    prototypes = torch.stack([x[groups == j].mean(0) for j in torch.unique(groups)])
+    if prototypes.shape[0] < count:
+        extra = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))]
+        prototypes = torch.cat([prototypes, extra[: count - prototypes.shape[0]]])
+    return prototypes
+
+
 def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, classes: int, seed: int = 0) -> nn.Linear:
     """A multinomial logistic regression of `y` [N] on standardised rows `x` [N, D] (full-batch Adam,
     lr 1e-2, weight decay 1e-3, 300 steps, seeded): the classifier router's fit, and the grouping
@@ -297,8 +316,6 @@ class MixtureHyperNetwork(AdapterGenerator):
         """Standardise with the training statistics; prototypes start at their k-means centroids, and the
         temperature gives the nearest prototype a mean logit lead of `routing_sharpness` over the second.
         A classifier router is first fitted to `labels` (one per row); other routers ignore them."""
-        from adapter_service.clustering import FixedK, cluster
-
         stats = stats.detach().float().cpu()
         if stats.ndim != 2 or stats.shape[1] != self.config.stat_dim:
             raise ValueError(f"stats: expected [N, {self.config.stat_dim}], got {list(stats.shape)}")
@@ -307,17 +324,12 @@ class MixtureHyperNetwork(AdapterGenerator):
             raise ValueError(
                 f"stats: need at least {routed} rows (one per routed basis), got {stats.shape[0]}"
             )
-        self.stat_mean.copy_(stats.mean(0))
-        self.stat_scale.copy_(stats.std(0).clamp_min(1e-6))
+        for buffer, value in zip((self.stat_mean, self.stat_scale), standardisation(stats), strict=True):
+            buffer.copy_(value)
         x = (stats - self.stat_mean) / self.stat_scale
         if self.classifier is not None:
             x = self._fit_classifier(x, labels, seed)
-        # The service's k-means (cosine) on the standardised statistics; prototypes are member means.
-        groups = torch.from_numpy(cluster(x.numpy(), FixedK(routed), seed=seed).assignments)
-        prototypes = torch.stack([x[groups == j].mean(0) for j in torch.unique(groups)])
-        if prototypes.shape[0] < routed:  # fewer distinct statistics than routed bases
-            extra = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))]
-            prototypes = torch.cat([prototypes, extra[: routed - prototypes.shape[0]]])
+        prototypes = fit_prototypes(x, routed, seed)
         self.prototypes.copy_(prototypes)
         nearest = torch.cdist(x, prototypes).pow(2).topk(min(2, len(prototypes)), largest=False).values
         gap = (nearest[:, -1] - nearest[:, 0]).mean() if len(prototypes) > 1 else nearest.mean()
@@ -339,8 +351,8 @@ class MixtureHyperNetwork(AdapterGenerator):
         y = torch.tensor([names.index(label) for label in labels])
         self.classifier.load_state_dict(fit_linear_probe(x, y, len(names), seed).state_dict())
         p = torch.softmax(self.classifier(x), dim=-1)
-        self.label_mean.copy_(p.mean(0))
-        self.label_scale.copy_(p.std(0).clamp_min(1e-6))
+        for buffer, value in zip((self.label_mean, self.label_scale), standardisation(p), strict=True):
+            buffer.copy_(value)
         return (p - self.label_mean) / self.label_scale
 
     def weights(self, centroids: torch.Tensor) -> torch.Tensor:

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from adapter_service.artifact import StatisticSpec, load_artifact
-from adapter_service.clustering import FixedK, cluster
-from adapter_service.diagnostics import grouping_diagnostics
+from adapter_service.diagnostics import grouping_diagnostics, purity_hits
+from adapter_service.hypernetwork import fit_linear_probe, fit_prototypes, standardisation
 from adapter_service.model_loading import SMOLLM2, load_causal_lm
 from adapter_service.runtime import create_session
 from adapter_service.statistics import compute_statistic, mean_input_embedding, parse_statistic
@@ -80,36 +80,31 @@ def knn_transfer(train: np.ndarray, y_train: np.ndarray, test: np.ndarray, y_tes
     return float((np.array(votes) == y_test).mean())
 
 
+def _standardised(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = torch.tensor(train, dtype=torch.float32), torch.tensor(test, dtype=torch.float32)
+    mean, scale = standardisation(a)
+    return (a - mean) / scale, (b - mean) / scale
+
+
 def probe_accuracy(train: np.ndarray, y_train: np.ndarray, test: np.ndarray, y_test: np.ndarray) -> float:
-    """Test accuracy of a linear classifier on standardised rows: the most a learned router could get."""
-    mean, scale = train.mean(0), train.std(0) + 1e-6
-    x = torch.tensor((train - mean) / scale, dtype=torch.float32)
-    x_test = torch.tensor((test - mean) / scale, dtype=torch.float32)
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(x.shape[1], int(y_train.max()) + 1)
-    optimizer = torch.optim.Adam(linear.parameters(), lr=1e-2, weight_decay=1e-3)
-    target = torch.from_numpy(y_train)
-    for _ in range(300):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(linear(x), target).backward()
-        optimizer.step()
+    """Test accuracy of a linear classifier on standardised rows: the most a learned router could get,
+    and exactly what `--routing classifier` fits (hypernetwork.fit_linear_probe)."""
+    x, x_test = _standardised(train, test)
+    probe = fit_linear_probe(x, torch.from_numpy(y_train), int(y_train.max()) + 1, seed=0)
     with torch.no_grad():
-        return float((linear(x_test).argmax(1).numpy() == y_test).mean())
+        return float((probe(x_test).argmax(1).numpy() == y_test).mean())
 
 
 def prototype_purity(train: np.ndarray, test: np.ndarray, y_test: np.ndarray, bases: int) -> float:
     """Label purity of test rows grouped by their nearest of `bases` prototypes, fitted as the mixture's
-    router starts: the service's k-means on the standardised training rows, prototypes = member means."""
-    mean, scale = train.mean(0), train.std(0) + 1e-6
-    x, x_test = (train - mean) / scale, (test - mean) / scale
-    groups = cluster(x, FixedK(bases), seed=0).assignments
-    prototypes = np.stack([x[groups == j].mean(0) for j in np.unique(groups)])
-    nearest = ((x_test[:, None, :] - prototypes[None]) ** 2).sum(-1).argmin(1)
+    router starts (hypernetwork.fit_prototypes on the standardised training rows)."""
+    x, x_test = _standardised(train, test)
+    nearest = torch.cdist(x_test, fit_prototypes(x, bases, seed=0)).argmin(1).numpy()
     return purity(nearest, y_test)
 
 
 def purity(groups: np.ndarray, labels: np.ndarray) -> float:
-    return float(sum(np.bincount(labels[groups == g]).max() for g in np.unique(groups)) / len(labels))
+    return purity_hits(groups, labels) / len(labels)
 
 
 def router_view(model, tokenizer, splits, layers: list[int], artifacts: list[str], bases: int) -> dict:

@@ -78,6 +78,18 @@ def test_train_writes_a_trained_artifact(inputs, tmp_path: Path) -> None:
     )
 
 
+def test_train_a_mixture_routed_by_a_label_classifier(inputs, tmp_path: Path) -> None:
+    """--routing classifier learns from the data's labels; the artifact names them, in the classifier's
+    order, and needs none to serve (its graph takes the statistic alone)."""
+    model_dir, data = inputs
+    out = tmp_path / "classifier"
+    args = ["--network", "mixture", "--bases", "3", "--routing", "classifier"]
+    run("train", "--model", str(model_dir), "--data", str(data), *COMMON, *args, "--out", str(out))
+    config = load_artifact(out).manifest.hypernetwork["config"]
+    assert config["routing"] == "classifier"
+    assert config["labels"] == ["topic0", "topic1", "topic2"]
+
+
 def test_train_a_mixture_routed_per_request(inputs, tmp_path: Path) -> None:
     """--network mixture --bases 2 --rank 2 emits rank 4; the manifest records the recipe (schedule and
     shared bases included) and offers the compact form."""

@@ -13,10 +13,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-.chameleon/studies}
 source scripts/early_layer_setting.sh
 chameleon fetch-corpora
-reuse=()
-if [ -d "$OUT/early-150-b12" ]; then reuse=(--reuse "$OUT/early-150-b12"); fi
-chameleon eval "${EARLY_LAYER_SETTING[@]}" --bases 12 --rank 4 --routing classifier \
-  --steps 150 --expert-steps 150 --lr 4e-3 --skip static-basis static-big \
-  --out "$OUT/early-150-b12-classifier" "${reuse[@]}" "$@"
+reuse_if_present "$OUT/early-150-b12"
+chameleon eval "${EARLY_LAYER_SETTING[@]}" "${DEFAULT_RECIPE[@]}" --routing classifier \
+  --skip static-basis static-big --out "$OUT/early-150-b12-classifier" "${REUSE[@]}" "$@"
 mkdir -p docs/results/classifier-routing
 cp "$OUT/early-150-b12-classifier"/report.{json,md,png} docs/results/classifier-routing/

@@ -10,3 +10,14 @@ EARLY_LAYER_SETTING=(
   --seeds 0 1 2 --eval-every 10 --patience 3
   --schedule cosine --warmup-steps 10 --clip-grad-norm 1.0
 )
+
+# The default recipe on top of it (docs/adaptation.md, "What the default is now"): the mixture's rank 48
+# as 12 bases of rank 4, 150 steps of 32 at lr 4e-3, the experts at 150 steps of 8.
+DEFAULT_RECIPE=(--bases 12 --rank 4 --steps 150 --expert-steps 150 --lr 4e-3)
+
+# reuse_if_present DIR: sets REUSE to `--reuse DIR` when that study directory exists (its runs are
+# taken wherever every setting they depend on matches), to nothing otherwise.
+reuse_if_present() {
+  REUSE=()
+  if [ -d "$1" ]; then REUSE=(--reuse "$1"); fi
+}

@@ -14,14 +14,11 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-.chameleon/studies}
 source scripts/early_layer_setting.sh
 chameleon fetch-corpora
-reuse=()
-if [ -d "$OUT/early-150-b12" ]; then reuse=(--reuse "$OUT/early-150-b12"); fi
-chameleon eval "${EARLY_LAYER_SETTING[@]}" --bases 12 --rank 4 --statistic hidden:4 \
-  --steps 150 --expert-steps 150 --lr 4e-3 --skip static-basis static-big \
-  --out "$OUT/early-150-b12-hidden4" "${reuse[@]}" "$@"
-chameleon eval "${EARLY_LAYER_SETTING[@]}" --bases 12 --rank 4 --statistic hidden:8 --seeds 0 \
-  --steps 150 --expert-steps 150 --lr 4e-3 --skip static-basis static-big \
-  --out "$OUT/early-150-b12-hidden8" "${reuse[@]}" "$@"
+reuse_if_present "$OUT/early-150-b12"
+chameleon eval "${EARLY_LAYER_SETTING[@]}" "${DEFAULT_RECIPE[@]}" --statistic hidden:4 \
+  --skip static-basis static-big --out "$OUT/early-150-b12-hidden4" "${REUSE[@]}" "$@"
+chameleon eval "${EARLY_LAYER_SETTING[@]}" "${DEFAULT_RECIPE[@]}" --statistic hidden:8 --seeds 0 \
+  --skip static-basis static-big --out "$OUT/early-150-b12-hidden8" "${REUSE[@]}" "$@"
 mkdir -p docs/results/hidden-statistic
 cp "$OUT/early-150-b12-hidden4"/report.{json,md,png} docs/results/hidden-statistic/
 for ext in json md png; do

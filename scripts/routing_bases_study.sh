@@ -18,14 +18,11 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-.chameleon/studies}
 source scripts/early_layer_setting.sh
 chameleon fetch-corpora
-reuse=()
-if [ -d "$OUT/early-150-experts150" ]; then reuse=(--reuse "$OUT/early-150-experts150"); fi
-chameleon eval "${EARLY_LAYER_SETTING[@]}" --bases 12 --rank 4 \
-  --steps 150 --expert-steps 150 --lr 4e-3 --skip static-basis \
-  --out "$OUT/early-150-b12" "${reuse[@]}" "$@"
-chameleon eval "${EARLY_LAYER_SETTING[@]}" --bases 12 --rank 4 \
-  --steps 150 --expert-steps 150 --lr 4e-3 --skip static-basis static-big --oracle-statistic \
-  --out "$OUT/early-150-b12-oracle" --reuse "$OUT/early-150-b12" "$@"
+reuse_if_present "$OUT/early-150-experts150"
+chameleon eval "${EARLY_LAYER_SETTING[@]}" "${DEFAULT_RECIPE[@]}" --skip static-basis \
+  --out "$OUT/early-150-b12" "${REUSE[@]}" "$@"
+chameleon eval "${EARLY_LAYER_SETTING[@]}" "${DEFAULT_RECIPE[@]}" --skip static-basis static-big \
+  --oracle-statistic --out "$OUT/early-150-b12-oracle" --reuse "$OUT/early-150-b12" "$@"
 chameleon eval "${EARLY_LAYER_SETTING[@]}" --bases 12 --rank 4 --seeds 0 1 2 3 4 \
   --steps 150 --lr 4e-3 --skip static-basis static-big experts \
   --out "$OUT/early-150-b12-seeds" --reuse "$OUT/early-150-b12" "$@"

@@ -12,10 +12,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-.chameleon/studies}
 source scripts/early_layer_setting.sh
 chameleon fetch-corpora
-reuse=()
-if [ -d "$OUT/early-150-b12" ]; then reuse=(--reuse "$OUT/early-150-b12"); fi
-chameleon eval "${EARLY_LAYER_SETTING[@]}" --bases 12 --rank 4 --routing table \
-  --steps 150 --expert-steps 150 --lr 4e-3 --skip static-basis static-big \
-  --out "$OUT/early-150-b12-table" "${reuse[@]}" "$@"
+reuse_if_present "$OUT/early-150-b12"
+chameleon eval "${EARLY_LAYER_SETTING[@]}" "${DEFAULT_RECIPE[@]}" --routing table \
+  --skip static-basis static-big --out "$OUT/early-150-b12-table" "${REUSE[@]}" "$@"
 mkdir -p docs/results/table-routing
 cp "$OUT/early-150-b12-table"/report.{json,md,png} docs/results/table-routing/

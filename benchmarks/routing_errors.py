@@ -1,0 +1,122 @@
+"""What a classifier router's mistakes cost (docs/adaptation.md, "Classifier routing").
+
+After `scripts/routing_variant_study.sh classifier`, for each seed: refit the seed's label classifier
+exactly as training did (hypernetwork.fit_linear_probe on the standardised training statistics), mark
+each test document as routed to its own label or not, and split the per-document gain of Chameleon
+(per request) over the static LoRA of the same seed into the two groups. The mean gain is then the gain
+on rightly routed documents plus what the misrouted ones cost.
+
+    python benchmarks/routing_errors.py --study .chameleon/studies/early-150-b12-classifier \
+        --out docs/results/classifier-routing
+
+Data arguments default to the early-layer study's setting (scripts/early_layer_setting.sh). Writes
+OUT/routing_errors.json and prints one line per seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adapter_service.hypernetwork import fit_linear_probe, standardisation
+from adapter_service.model_loading import SMOLLM2, load_causal_lm
+from adapter_service.statistics import compute_statistic
+from adapter_service.training import load_examples
+
+
+def seed_errors(
+    train: torch.Tensor,
+    y_train: torch.Tensor,
+    test: torch.Tensor,
+    y_test: np.ndarray,
+    seed: int,
+    gain: np.ndarray,
+) -> dict:
+    """One seed's classifier (as training fits it) and the gain [test documents] split by routing."""
+    mean, scale = standardisation(train)
+    probe = fit_linear_probe((train - mean) / scale, y_train, int(y_train.max()) + 1, seed)
+    with torch.no_grad():
+        right = probe((test - mean) / scale).argmax(1).numpy() == y_test
+    wrong = ~right
+    return {
+        "seed": seed,
+        "test_documents": len(right),
+        "misrouted": int(wrong.sum()),
+        "accuracy": float(right.mean()),
+        "gain_all": float(gain.mean()),
+        "gain_rightly_routed": float(gain[right].mean()),
+        "gain_misrouted": float(gain[wrong].mean()) if wrong.any() else None,
+        # what the misrouted documents take off the mean, against gaining what the others gain
+        "cost_of_misrouting": float((gain[wrong] - gain[right].mean()).sum() / len(gain)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--study", required=True, help="a `--routing classifier` study directory")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--model", default=SMOLLM2)
+    parser.add_argument("--data", default="mixed")
+    parser.add_argument("--max-per-label", type=int, default=300)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--continuation-tokens", type=int, default=24)
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    runs = Path(args.study) / "runs"
+    config = json.loads((Path(args.study) / "study.json").read_text())["config"]
+    if config.get("routing") != "classifier" or config.get("statistic") != "embedding":
+        raise SystemExit(f"--study {args.study}: expected a classifier-routed study on the embedding")
+    model, tokenizer = load_causal_lm(args.model)
+    splits = load_examples(
+        args.data,
+        tokenizer,
+        args.prompt_tokens,
+        args.continuation_tokens,
+        args.max_per_label,
+        args.split_seed,
+    )
+    names = sorted({e.label for e in splits.train})
+
+    def statistics(examples) -> torch.Tensor:
+        return compute_statistic(model, None, torch.tensor([e.prompt for e in examples])).float()
+
+    train, test = statistics(splits.train), statistics(splits.test)
+    y_train = torch.tensor([names.index(e.label) for e in splits.train])
+    y_test = np.array([names.index(e.label) for e in splits.test])
+    rows = []
+    for seed in args.seeds:
+        hyper = json.loads((runs / f"hyper-seed{seed}.json").read_text())["scores"]["per request"]
+        static = json.loads((runs / f"static-seed{seed}.json").read_text())["per_doc"]
+        gain = np.asarray(hyper) - np.asarray(static)
+        if len(gain) != len(y_test):
+            raise SystemExit(f"seed {seed}: {len(gain)} scored documents, but the data gives {len(y_test)}")
+        row = seed_errors(train, y_train, test, y_test, seed, gain)
+        rows.append(row)
+        print(
+            f"seed {seed}: accuracy {row['accuracy']:.3f} ({row['misrouted']} misrouted); gain vs static "
+            f"{row['gain_all']:+.4f}: rightly routed {row['gain_rightly_routed']:+.4f}, misrouted "
+            f"{row['gain_misrouted']:+.4f}; misrouting costs {row['cost_of_misrouting']:+.4f}",
+            flush=True,
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        key: float(np.mean([r[key] for r in rows]))
+        for key in ("accuracy", "gain_all", "gain_rightly_routed", "gain_misrouted", "cost_of_misrouting")
+    }
+    (out / "routing_errors.json").write_text(
+        json.dumps({"study": args.study, "labels": names, "seeds": rows, "mean": summary}, indent=1)
+    )
+    print(f"wrote {out / 'routing_errors.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

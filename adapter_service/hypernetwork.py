@@ -326,9 +326,9 @@ class MixtureHyperNetwork(AdapterGenerator):
             )
         for buffer, value in zip((self.stat_mean, self.stat_scale), standardisation(stats), strict=True):
             buffer.copy_(value)
-        x = (stats - self.stat_mean) / self.stat_scale
         if self.classifier is not None:
-            x = self._fit_classifier(x, labels, seed)
+            self._fit_classifier((stats - self.stat_mean) / self.stat_scale, labels, seed)
+        x = self.router_input(stats)
         prototypes = fit_prototypes(x, routed, seed)
         self.prototypes.copy_(prototypes)
         nearest = torch.cdist(x, prototypes).pow(2).topk(min(2, len(prototypes)), largest=False).values
@@ -337,10 +337,8 @@ class MixtureHyperNetwork(AdapterGenerator):
         if self.table is not None:
             self.table.copy_(-torch.cdist(prototypes, prototypes).pow(2) / self.log_temperature.exp())
 
-    def _fit_classifier(
-        self, x: torch.Tensor, labels: Sequence[str | None] | None, seed: int
-    ) -> torch.Tensor:
-        """Fit the classifier on standardised rows `x`; returns the router's inputs for them."""
+    def _fit_classifier(self, x: torch.Tensor, labels: Sequence[str | None] | None, seed: int) -> None:
+        """Fit the classifier on standardised rows `x`, and the standardisation of its probabilities."""
         names = self.config.labels
         if labels is None or len(labels) != x.shape[0] or any(label not in names for label in labels):
             found = sorted({str(label) for label in labels or ()})
@@ -353,13 +351,18 @@ class MixtureHyperNetwork(AdapterGenerator):
         p = torch.softmax(self.classifier(x), dim=-1)
         for buffer, value in zip((self.label_mean, self.label_scale), standardisation(p), strict=True):
             buffer.copy_(value)
-        return (p - self.label_mean) / self.label_scale
+
+    def router_input(self, centroids: torch.Tensor) -> torch.Tensor:
+        """What the prototypes are compared with: the standardised statistic, or a classifier router's
+        standardised label probabilities of it."""
+        x = (centroids - self.stat_mean) / self.stat_scale
+        if self.classifier is None:
+            return x
+        return (torch.softmax(self.classifier(x), dim=-1) - self.label_mean) / self.label_scale
 
     def weights(self, centroids: torch.Tensor) -> torch.Tensor:
         """[K, bases] basis weights (summing to `bases`; the shared ones are 1)."""
-        x = (centroids - self.stat_mean) / self.stat_scale
-        if self.classifier is not None:
-            x = (torch.softmax(self.classifier(x), dim=-1) - self.label_mean) / self.label_scale
+        x = self.router_input(centroids)
         distance = (x[:, None, :] - self.prototypes[None, :, :]).pow(2).sum(-1)
         if self.table is None:
             logits = -distance / self.log_temperature.exp()

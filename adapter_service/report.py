@@ -8,9 +8,13 @@ from pathlib import Path
 def _routed_on(report: dict) -> str:
     if report.get("oracle_statistic"):
         return "each prompt's domain label (the oracle diagnostic)"
-    routing = f" ({report['routing']} routing)" if report.get("routing") else ""
-    if report.get("routing") == "classifier":
+    routing = report.get("routing")
+    if routing == "classifier":
         routing = " (classifier routing: fitted to the training labels, served without labels)"
+    elif routing:
+        routing = f" ({routing} routing)"
+    else:
+        routing = ""
     return f"the statistic `{report.get('statistic', 'embedding')}`{routing}"
 
 

@@ -597,11 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--routing",
-            choices=("distance", "table", "classifier"),
+            choices=("distance", "table", "classifier", "predicted-label"),
             default="distance",
             help="mixture: weights from the distances to learned prototypes, a learned row of weights "
             "per nearest fixed k-means prototype ('table'), or distances in the label probabilities of "
-            "a linear classifier fitted to the training labels ('classifier'; serving needs no labels)",
+            "a linear classifier fitted to the training labels ('classifier'), or in its predicted "
+            "label ('predicted-label'; both serve without labels)",
         )
         p.add_argument(
             "--train-k",

@@ -19,7 +19,8 @@ Two kinds (`HyperNetworkConfig.kind`):
   ordinary rank-`rank` LoRA: service, codec and plugins need nothing new. With `routing="table"` the
   nearest prototype (fixed after k-means) only picks a row of learned weights; with
   `routing="classifier"` the distances are taken from a linear classifier's label probabilities,
-  fitted to the training data's labels (labels at training time only; serving needs none).
+  fitted to the training data's labels (labels at training time only; serving needs none), and with
+  `routing="predicted-label"` from its predicted label alone (one-hot).
 
 An optional cap bounds every emitted delta, ||s B A||_F <= c ||W||_F per cluster and module, inside
 the network (so the exported graph enforces it too): a centroid unlike anything seen in training
@@ -127,7 +128,9 @@ class AdapterGenerator(nn.Module):
 
 
 KINDS = ("full", "mixture")
-ROUTINGS = ("distance", "table", "classifier")
+ROUTINGS = ("distance", "table", "classifier", "predicted-label")
+# Routings that fit a classifier to the training labels (and serve without labels).
+LABEL_ROUTINGS = ("classifier", "predicted-label")
 
 
 def emitted_rank(kind: str, rank: int, bases: int) -> int:
@@ -160,13 +163,15 @@ def check_kind(config: HyperNetworkConfig) -> None:
     if config.kind != "mixture" and config.routing != "distance":
         raise ValueError(f"routing: only a mixture routes; expected 'distance', got {config.routing!r}")
     labels = config.labels
-    if config.routing == "classifier":
+    if config.routing in LABEL_ROUTINGS:
         if len(labels) < 2 or len(set(labels)) != len(labels) or not all(isinstance(x, str) for x in labels):
             raise ValueError(
-                f"labels: routing 'classifier' needs at least 2 distinct label names, got {labels!r}"
+                f"labels: routing {config.routing!r} needs at least 2 distinct label names, got {labels!r}"
             )
     elif labels:
-        raise ValueError(f"labels: only routing 'classifier' uses labels; expected (), got {labels!r}")
+        raise ValueError(
+            f"labels: only routings {', '.join(LABEL_ROUTINGS)} use labels; expected (), got {labels!r}"
+        )
 
 
 def standardisation(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,6 +279,10 @@ class MixtureHyperNetwork(AdapterGenerator):
     standardised statistic is fitted once to the training labels (`fit_statistics(..., labels=)`) and
     frozen; distance routing then runs on its standardised label probabilities, as the oracle's ran on
     one-hot labels. Labels are needed at training time only: the exported graph takes the statistic.
+
+    `routing="predicted-label"`: the same classifier, but the router sees only its predicted label,
+    one-hot, exactly as the oracle saw the true one: every request the classifier puts in a domain gets
+    that domain's adapter, however unsure the classifier was.
     """
 
     def __init__(self, config: HyperNetworkConfig) -> None:
@@ -288,9 +297,9 @@ class MixtureHyperNetwork(AdapterGenerator):
         self.register_buffer("stat_mean", torch.zeros(d))
         self.register_buffer("stat_scale", torch.ones(d))
         self.classifier = None
-        if config.routing == "classifier":
+        if config.routing in LABEL_ROUTINGS:
             self.classifier = nn.Linear(d, len(config.labels)).requires_grad_(False)
-            d = len(config.labels)  # the router's input: label probabilities, standardised
+            d = len(config.labels)  # the router's input: label probabilities (or one-hot), standardised
             self.register_buffer("label_mean", torch.zeros(d))
             self.register_buffer("label_scale", torch.ones(d))
         self.prototypes = nn.Parameter(torch.randn(self.routed, d))
@@ -343,22 +352,30 @@ class MixtureHyperNetwork(AdapterGenerator):
         if labels is None or len(labels) != x.shape[0] or any(label not in names for label in labels):
             found = sorted({str(label) for label in labels or ()})
             raise ValueError(
-                f"labels: routing 'classifier' needs one label from {list(names)} per training row "
-                f"({x.shape[0]} rows), got {len(labels or ())} labels with values {found[:8]}"
+                f"labels: routing {self.config.routing!r} needs one label from {list(names)} per "
+                f"training row ({x.shape[0]} rows), got {len(labels or ())} labels with values {found[:8]}"
             )
         y = torch.tensor([names.index(label) for label in labels])
         self.classifier.load_state_dict(fit_linear_probe(x, y, len(names), seed).state_dict())
-        p = torch.softmax(self.classifier(x), dim=-1)
+        p = self._classify(x)
         for buffer, value in zip((self.label_mean, self.label_scale), standardisation(p), strict=True):
             buffer.copy_(value)
 
+    def _classify(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier's label probabilities of standardised rows, or its predicted label one-hot
+        (a comparison with the row maximum rather than argmax + one_hot: plain ops in the ONNX graph)."""
+        p = torch.softmax(self.classifier(x), dim=-1)
+        if self.config.routing == "predicted-label":
+            p = (p == p.amax(dim=-1, keepdim=True)).to(p.dtype)
+        return p
+
     def router_input(self, centroids: torch.Tensor) -> torch.Tensor:
-        """What the prototypes are compared with: the standardised statistic, or a classifier router's
-        standardised label probabilities of it."""
+        """What the prototypes are compared with: the standardised statistic, or a label router's
+        standardised label probabilities (or predicted label) of it."""
         x = (centroids - self.stat_mean) / self.stat_scale
         if self.classifier is None:
             return x
-        return (torch.softmax(self.classifier(x), dim=-1) - self.label_mean) / self.label_scale
+        return (self._classify(x) - self.label_mean) / self.label_scale
 
     def weights(self, centroids: torch.Tensor) -> torch.Tensor:
         """[K, bases] basis weights (summing to `bases`; the shared ones are 1)."""

@@ -9,8 +9,8 @@ def _routed_on(report: dict) -> str:
     if report.get("oracle_statistic"):
         return "each prompt's domain label (the oracle diagnostic)"
     routing = report.get("routing")
-    if routing == "classifier":
-        routing = " (classifier routing: fitted to the training labels, served without labels)"
+    if routing in ("classifier", "predicted-label"):
+        routing = f" ({routing} routing: fitted to the training labels, served without labels)"
     elif routing:
         routing = f" ({routing} routing)"
     else:

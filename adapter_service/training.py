@@ -30,7 +30,12 @@ import torch
 from torch import nn
 
 from adapter_service.clustering import ClusteringPolicy, FixedK, cluster
-from adapter_service.hypernetwork import AdapterGenerator, DeltaNormCaps, HyperNetworkConfig
+from adapter_service.hypernetwork import (
+    LABEL_ROUTINGS,
+    AdapterGenerator,
+    DeltaNormCaps,
+    HyperNetworkConfig,
+)
 from adapter_service.statistics import StatisticLike, compute_statistic
 
 log = logging.getLogger(__name__)
@@ -61,13 +66,13 @@ def make_examples(
 
 def router_labels(routing: str, examples: Sequence[Example]) -> tuple[str, ...]:
     """The label names a router learns from (`plan_export(labels=)`): the training data's, sorted, for a
-    classifier router; none for any other."""
-    if routing != "classifier":
+    router that fits a classifier (hypernetwork.LABEL_ROUTINGS); none for any other."""
+    if routing not in LABEL_ROUTINGS:
         return ()
     unlabelled = sum(e.label is None for e in examples)
     if unlabelled:
         raise ValueError(
-            f"routing: 'classifier' learns from labels, but {unlabelled} of {len(examples)} training "
+            f"routing: {routing!r} learns from labels, but {unlabelled} of {len(examples)} training "
             "examples have none; label every document or use routing 'distance'"
         )
     return tuple(sorted({e.label for e in examples}))

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapter_service.hypernetwork import fit_linear_probe, standardisation
+from adapter_service.hypernetwork import LABEL_ROUTINGS, fit_linear_probe, standardisation
 from adapter_service.model_loading import SMOLLM2, load_causal_lm
 from adapter_service.statistics import compute_statistic
 from adapter_service.training import load_examples
@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--study", required=True, help="a `--routing classifier` study directory")
+    parser.add_argument(
+        "--study", required=True, help="a `--routing classifier|predicted-label` study directory"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--model", default=SMOLLM2)
     parser.add_argument("--data", default="mixed")
@@ -71,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     runs = Path(args.study) / "runs"
     config = json.loads((Path(args.study) / "study.json").read_text())["config"]
-    if config.get("routing") != "classifier" or config.get("statistic") != "embedding":
-        raise SystemExit(f"--study {args.study}: expected a classifier-routed study on the embedding")
+    if config.get("routing") not in LABEL_ROUTINGS or config.get("statistic") != "embedding":
+        raise SystemExit(
+            f"--study {args.study}: expected a study routed by {' or '.join(LABEL_ROUTINGS)} on the embedding"
+        )
     model, tokenizer = load_causal_lm(args.model)
     splits = load_examples(
         args.data,

@@ -6,15 +6,17 @@
 #               requests of one group share their adapter exactly, as under the label oracle;
 #   classifier  a linear classifier of the statistic, fitted to the training labels and frozen, feeds
 #               the distance router, as the oracle's one-hot labels did (labels at training time only;
-#               the served artifact takes the statistic alone).
+#               the served artifact takes the statistic alone);
+#   predicted-label  the same classifier, but the router sees only its predicted label, one-hot, as the
+#               oracle saw the true one.
 # Routing changes nothing the static LoRA or the experts see: with the 12-basis study's directory
 # present their runs are taken from it and only the mixture trains.
 # Resumable; parallel workers can share the directory (--only hyper|static|experts --seeds S).
 # Copies the report to docs/results/ROUTING-routing/.
-#   scripts/routing_variant_study.sh table|classifier [chameleon eval arguments]
+#   scripts/routing_variant_study.sh table|classifier|predicted-label [chameleon eval arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-routing=${1:?usage: scripts/routing_variant_study.sh table|classifier [chameleon eval arguments]}
+routing=${1:?usage: scripts/routing_variant_study.sh table|classifier|predicted-label [chameleon eval arguments]}
 shift
 OUT=${OUT:-.chameleon/studies}
 source scripts/early_layer_setting.sh

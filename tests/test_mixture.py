@@ -187,12 +187,16 @@ def label_and_nuisance(n: int = 60, seed: int = 0) -> tuple[torch.Tensor, list[s
     return torch.stack(rows), labels
 
 
-def test_classifier_routing_learns_from_labels_and_serves_from_the_statistic_alone(tmp_path: Path) -> None:
+@pytest.mark.parametrize("routing", ["classifier", "predicted-label"])
+def test_label_routing_learns_from_labels_and_serves_from_the_statistic_alone(
+    routing: str, tmp_path: Path
+) -> None:
     """`routing="classifier"`: a linear classifier fitted to the training labels (then frozen) feeds
-    the distance router, as the label oracle's one-hot rows did. It routes by label where k-means on
-    the statistic follows an unrelated split; the exported graph takes the statistic only."""
+    the distance router, as the label oracle's one-hot rows did; "predicted-label" feeds it only the
+    predicted label. It routes by label where k-means on the statistic follows an unrelated split; the
+    exported graph takes the statistic only."""
     labels = ("news", "scripture")
-    plan, network = mixture(rank=4, bases=2, routing="classifier", labels=labels, routing_sharpness=4.0)
+    plan, network = mixture(rank=4, bases=2, routing=routing, labels=labels, routing_sharpness=4.0)
     _, distance = mixture(rank=4, bases=2, routing_sharpness=4.0)
     rows, all_names = label_and_nuisance(120)
     stats, names, test, test_names = rows[:60], all_names[:60], rows[60:], all_names[60:]
@@ -210,16 +214,21 @@ def test_classifier_routing_learns_from_labels_and_serves_from_the_statistic_alo
     assert agreement(unsupervised) <= 0.65  # k-means on the statistic follows the other split
     torch.testing.assert_close(weights.sum(1), torch.full((60,), 2.0))
     assert network.prototypes.shape == (2, 2)  # the router sees label probabilities
+    predicted = network.classifier((test - network.stat_mean) / network.stat_scale).argmax(1)
+    same_label_same_weights = all(
+        torch.equal(weights[i], weights[int((predicted == predicted[i]).nonzero()[0])]) for i in range(60)
+    )
+    assert same_label_same_weights == (routing == "predicted-label")  # one adapter per predicted label
     network.train()
     sum(o.square().sum() for o in network(test[:6])).backward()
     assert network.classifier.weight.grad is None  # frozen: fitted to the labels once
     assert network.prototypes.grad is not None and network.prototypes.grad.abs().sum() > 0
     artifact = export_artifact(network.eval(), plan, tmp_path / "a")
     config = artifact.manifest.hypernetwork["config"]
-    assert config["routing"] == "classifier" and config["labels"] == list(labels)
-    got = HyperNetworkRuntime(artifact).generate(test[:5].numpy())
+    assert config["routing"] == routing and config["labels"] == list(labels)
+    got = HyperNetworkRuntime(artifact).generate(test[:8].numpy())
     with torch.no_grad():
-        want = network(test[:5])
+        want = network(test[:8])
     for i, group in enumerate(artifact.manifest.groups):
         np.testing.assert_allclose(got[group.name].b, want[2 * i + 1].numpy(), rtol=1e-5, atol=1e-6)
 
@@ -227,7 +236,7 @@ def test_classifier_routing_learns_from_labels_and_serves_from_the_statistic_alo
 def test_classifier_routing_refuses_missing_or_stray_labels() -> None:
     with pytest.raises(ValueError, match="labels: routing 'classifier' needs at least 2 distinct label"):
         mixture(routing="classifier")
-    with pytest.raises(ValueError, match="labels: only routing 'classifier' uses labels"):
+    with pytest.raises(ValueError, match="labels: only routings classifier, predicted-label use labels"):
         mixture(labels=("a", "b"))
     _, network = mixture(routing="classifier", labels=("a", "b"))
     stats, _ = label_and_nuisance(10)
@@ -242,6 +251,7 @@ def test_classifier_labels_come_from_labelled_training_data() -> None:
 
     examples = [Example((1,), (2,), label) for label in ("news", "fortunes", "news")]
     assert router_labels("classifier", examples) == ("fortunes", "news")
+    assert router_labels("predicted-label", examples) == ("fortunes", "news")
     assert router_labels("distance", examples) == ()
     with pytest.raises(ValueError, match="routing: 'classifier' learns from labels, but 1 of 4"):
         router_labels("classifier", [*examples, Example((1,), (2,))])

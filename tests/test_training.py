@@ -197,6 +197,7 @@ def test_statistic_is_the_plugins_function() -> None:
         ("hidden:2", ["q_proj", "v_proj"], 7, "mixture"),  # targets before L: a separate partial pass
         ("embedding", ["q_proj", "v_proj"], 8, "mixture:table"),  # one learned row of weights per prototype
         ("embedding", ["q_proj", "v_proj"], 9, "mixture:classifier"),  # labels at training time only
+        ("embedding", ["q_proj", "v_proj"], 10, "mixture:predicted-label"),
         ("encoder", ["q_proj", "v_proj"], 5, "full"),
         ("encoder", ["q_proj", "v_proj"], 5, "mixture"),
     ],
@@ -224,7 +225,7 @@ def test_training_application_equals_the_plugin_with_the_exported_artifact(
         kind=kind,
         bases=2,
         routing=routing or "distance",
-        labels=("d0", "d1", "d2") if routing == "classifier" else (),
+        labels=("d0", "d1", "d2") if routing in ("classifier", "predicted-label") else (),
     )
     spec = plan.manifest_base["statistic"]
     torch.manual_seed(seed)

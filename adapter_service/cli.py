@@ -238,12 +238,14 @@ def _train(args: argparse.Namespace) -> int:
         StaticLoRA,
         StatisticCache,
         TrainConfig,
+        resolve_routing,
         router_labels,
         train,
     )
 
     model, tokenizer, splits = _study_inputs(args)
     targets = _targets(args.targets)
+    routing = resolve_routing(args.routing, args.network, splits.train)
     plan = plan_export(
         model,
         targets,
@@ -254,8 +256,8 @@ def _train(args: argparse.Namespace) -> int:
         kind=args.network,
         bases=args.bases,
         routing_sharpness=args.routing_sharpness,
-        routing=args.routing,
-        labels=router_labels(args.routing, splits.train),
+        routing=routing,
+        labels=router_labels(routing, splits.train),
         shared_bases=args.shared_bases,
     )
     torch.manual_seed(args.seed)
@@ -333,6 +335,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from adapter_service.evaluation import StudyConfig, run_study
     from adapter_service.report import write_report
+    from adapter_service.training import resolve_routing
 
     started = time.perf_counter()
     model, tokenizer, splits = _study_inputs(args)
@@ -356,7 +359,12 @@ def _eval(args: argparse.Namespace) -> int:
         network=args.network,
         bases=args.bases,
         routing_sharpness=args.routing_sharpness,
-        routing=args.routing,
+        # the oracle diagnostic routes on the true label itself: no classifier in front of it
+        routing=resolve_routing(
+            "distance" if args.oracle_statistic and args.routing == "auto" else args.routing,
+            args.network,
+            splits.train,
+        ),
         shared_bases=args.shared_bases,
         oracle_statistic=args.oracle_statistic,
         train_policy=_train_policy(args),
@@ -597,12 +605,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--routing",
-            choices=("distance", "table", "classifier", "predicted-label"),
-            default="distance",
-            help="mixture: weights from the distances to learned prototypes, a learned row of weights "
-            "per nearest fixed k-means prototype ('table'), or distances in the label probabilities of "
-            "a linear classifier fitted to the training labels ('classifier'), or in its predicted "
-            "label ('predicted-label'; both serve without labels)",
+            choices=("auto", "distance", "table", "classifier", "predicted-label"),
+            default="auto",
+            help="mixture: weights from the distances to learned prototypes ('distance'), a learned "
+            "row of weights per nearest fixed k-means prototype ('table'), or distances in the label "
+            "probabilities of a linear classifier fitted to the training labels ('classifier') or in "
+            "its predicted label ('predicted-label'; both serve without labels). 'auto': "
+            "predicted-label when every training document is labelled, else distance",
         )
         p.add_argument(
             "--train-k",

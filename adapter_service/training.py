@@ -64,6 +64,20 @@ def make_examples(
     return examples
 
 
+def resolve_routing(routing: str, network: str, examples: Sequence[Example]) -> str:
+    """`routing="auto"` (the default of `chameleon train` and `eval`): a mixture learns its router from
+    the labels when every training example has one and there are at least two ("predicted-label", the
+    best measured, docs/adaptation.md), else it routes by distance; any other routing is kept as given."""
+    if routing != "auto":
+        return routing
+    labels = {e.label for e in examples}
+    chosen = (
+        "predicted-label" if network == "mixture" and None not in labels and len(labels) >= 2 else "distance"
+    )
+    log.info("routing auto: %s (%d distinct training labels)", chosen, len(labels - {None}))
+    return chosen
+
+
 def router_labels(routing: str, examples: Sequence[Example]) -> tuple[str, ...]:
     """The label names a router learns from (`plan_export(labels=)`): the training data's, sorted, for a
     router that fits a classifier (hypernetwork.LABEL_ROUTINGS); none for any other."""

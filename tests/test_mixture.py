@@ -255,3 +255,47 @@ def test_classifier_labels_come_from_labelled_training_data() -> None:
     assert router_labels("distance", examples) == ()
     with pytest.raises(ValueError, match="routing: 'classifier' learns from labels, but 1 of 4"):
         router_labels("classifier", [*examples, Example((1,), (2,))])
+
+
+def test_auto_routing_learns_from_labels_only_when_every_example_has_one() -> None:
+    from adapter_service.training import Example, resolve_routing
+
+    examples = [Example((1,), (2,), label) for label in ("news", "fortunes", "news")]
+    assert resolve_routing("auto", "mixture", examples) == "predicted-label"
+    assert resolve_routing("auto", "mixture", [*examples, Example((1,), (2,))]) == "distance"
+    assert resolve_routing("auto", "mixture", examples[::2]) == "distance"  # one label: nothing to tell apart
+    assert resolve_routing("auto", "full", examples) == "distance"  # only a mixture routes
+    assert resolve_routing("table", "mixture", examples) == "table"  # a routing given is kept
+
+
+def test_sidecar_groups_a_predicted_label_router_by_its_labels(tmp_path: Path) -> None:
+    """Over real gRPC: whatever policy the caller asks (TGI's plugin asks AutoK), a predicted-label
+    artifact's clusters are its predicted labels, each with the adapter its requests get one by one."""
+    from adapter_service.client import AdapterClient
+    from adapter_service.clustering import AutoK, FixedK, PerRequest
+    from conftest import start_server
+
+    plan, network = mixture(rank=4, bases=2, routing="predicted-label", labels=("news", "scripture"))
+    rows, names = label_and_nuisance(120)
+    rows = rows / rows.norm(dim=1, keepdim=True)  # as the sidecar's clustering hands them over
+    with torch.no_grad():
+        network.fit_statistics(rows[:60], labels=names[:60])
+    artifact = export_artifact(network.eval(), plan, tmp_path / "a")
+    test = rows[60:92].numpy()
+    predicted = network.classifier((rows[60:92] - network.stat_mean) / network.stat_scale).argmax(1)
+    server = start_server(artifact.path)
+    try:
+        with AdapterClient(server.address, timeout=30) as client:
+            one_by_one = client.adapt(test, policy=PerRequest())
+            for policy in (AutoK(max_k=8), FixedK(1), PerRequest()):
+                answer = client.adapt(test, policy=policy)
+                assert answer.k == len(predicted.unique()) == 2  # one adapter per predicted label
+                same = answer.assignments[:, None] == answer.assignments[None, :]
+                assert np.array_equal(same, (predicted[:, None] == predicted[None, :]).numpy())
+                for row in range(len(test)):
+                    mine = answer.clusters[answer.assignments[row]].modules
+                    alone = one_by_one.clusters[one_by_one.assignments[row]].modules
+                    for name, delta in mine.items():
+                        np.testing.assert_array_equal(delta.b, alone[name].b)
+    finally:
+        server.stop()

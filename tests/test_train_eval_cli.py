@@ -76,6 +76,9 @@ def test_train_writes_a_trained_artifact(inputs, tmp_path: Path) -> None:
         "request",
         24,
     )
+    # The data is labelled, so the router learns from the labels and serves on the predicted label.
+    assert facts["config"]["routing"] == "predicted-label"
+    assert facts["config"]["labels"] == ["topic0", "topic1", "topic2"]
 
 
 def test_train_a_mixture_routed_by_a_label_classifier(inputs, tmp_path: Path) -> None:

@@ -1,10 +1,11 @@
-"""What a classifier router's mistakes cost (docs/adaptation.md, "Classifier routing").
+"""What a label router's mistakes cost (docs/adaptation.md, "Classifier routing" and "Routing on the
+predicted label").
 
-After `scripts/routing_variant_study.sh classifier`, for each seed: refit the seed's label classifier
-exactly as training did (hypernetwork.fit_linear_probe on the standardised training statistics), mark
-each test document as routed to its own label or not, and split the per-document gain of Chameleon
-(per request) over the static LoRA of the same seed into the two groups. The mean gain is then the gain
-on rightly routed documents plus what the misrouted ones cost.
+After `scripts/routing_variant_study.sh classifier` (or `predicted-label`), for each seed: refit the
+seed's label classifier exactly as training did (hypernetwork.fit_linear_probe on the standardised
+training statistics), mark each test document as routed to its own label or not, and split the
+per-document gain of Chameleon (per request) over the static LoRA of the same seed into the two
+groups. The mean gain is then the gain on rightly routed documents plus what the misrouted ones cost.
 
     python benchmarks/routing_errors.py --study .chameleon/studies/early-150-b12-classifier \
         --out docs/results/classifier-routing

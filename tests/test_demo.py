@@ -45,8 +45,8 @@ def test_demo_groups_a_mixed_batch_and_reports_quality_and_cost(tmp_path: Path) 
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
     # the shipped artifact fits the model the registry package gives: the batch was adapted
     assert "not adapted" not in out
-    # the shipped artifact is a mixture in the compact form, so the plugin serves it per request
-    assert re.search(r"batch \d+: \d+ prompts, one adapter each \(per request: ", out)
+    # the shipped artifact routes on the predicted label, so the sidecar groups the batch by label
+    assert re.search(r"batch \d+: \d+ prompts in k = \d clusters \(the sidecar groups this artifact by", out)
     assert "chameleon:" in out and "base:" in out
     assert re.search(r"test NLL per token: base \d\.\d+ .* Chameleon \d\.\d+", out)
     assert "stopped: model server exit 0, sidecar exit 0" in out

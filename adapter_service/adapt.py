@@ -47,17 +47,25 @@ def adapt(
 ) -> pb.AdaptResponse:
     manifest = runtime.manifest
     started = time.perf_counter()
-    grouping = group_requests(call, runtime, seed)
+    grouping, label_weights = group_requests(call, runtime, seed)
     clustered = time.perf_counter()
 
-    keys = [adapter_key(runtime.artifact.sha256, call.dtype, c, call.compact) for c in grouping.centroids]
+    # A label group's adapter is its basis weights, so they key it: the same label, the same key in
+    # every batch (its first request's centroid would change from batch to batch).
+    identities = grouping.centroids if label_weights is None else label_weights
+    keys = [adapter_key(runtime.artifact.sha256, call.dtype, c, call.compact) for c in identities]
     needed = [i for i, key in enumerate(keys) if key not in call.held_keys]
     shared_key = bases_key(runtime.artifact.sha256, call.dtype) if call.compact else ""
     send_bases = bool(call.compact and needed and shared_key not in call.held_keys)
     _check_response_size(len(needed), grouping.k, call, runtime, limits, send_bases)
     if call.compact:
         generated = {}
-        weights = runtime.mixture_weights(grouping.centroids[needed]) if needed else None
+        if not needed:
+            weights = None
+        elif label_weights is not None:  # computed while grouping
+            weights = label_weights[needed]
+        else:
+            weights = runtime.mixture_weights(grouping.centroids[needed])
     else:
         generated = runtime.generate(grouping.centroids[needed]) if needed else {}
     generated_at = time.perf_counter()
@@ -105,15 +113,18 @@ def adapt(
     return response
 
 
-def group_requests(call: AdaptCall, runtime: HyperNetworkRuntime, seed: int = 0) -> Clustering:
+def group_requests(
+    call: AdaptCall, runtime: HyperNetworkRuntime, seed: int = 0
+) -> tuple[Clustering, np.ndarray | None]:
     """The batch's clusters under the caller's policy, except for a predicted-label router: it gives
     every request of one predicted label the same adapter, and a k-means centroid of several labels is
     classified as one of them (docs/adaptation.md measured +0.13 NLL at auto k against per request), so
     its clusters are its predicted labels, whatever the policy: per request, rows with equal basis
-    weights merged. A batch then needs at most one adapter per label."""
+    weights merged. A batch then needs at most one adapter per label. Returns the clusters and, for
+    label groups, each one's basis weights [k, bases] (None otherwise)."""
     config = runtime.manifest.hypernetwork.get("config", {})
     if config.get("routing") != "predicted-label" or runtime.manifest.mixture is None:
-        return cluster(call.statistics, call.policy, seed=seed)
+        return cluster(call.statistics, call.policy, seed=seed), None
     rows = cluster(call.statistics, PerRequest())
     weights = runtime.mixture_weights(rows.centroids)
     _, first, label = np.unique(weights, axis=0, return_index=True, return_inverse=True)
@@ -121,13 +132,14 @@ def group_requests(call: AdaptCall, runtime: HyperNetworkRuntime, seed: int = 0)
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
     assignments = rank[label.reshape(-1)][rows.assignments]
-    return Clustering(
+    grouping = Clustering(
         assignments=assignments.astype(np.int32),
         centroids=rows.centroids[first[order]],
         sizes=np.bincount(assignments, minlength=len(order)).astype(np.int32),
         k=len(order),
         silhouette=None,
     )
+    return grouping, weights[first[order]]
 
 
 def _check_response_size(

@@ -287,8 +287,13 @@ def test_sidecar_groups_a_predicted_label_router_by_its_labels(tmp_path: Path) -
     try:
         with AdapterClient(server.address, timeout=30) as client:
             one_by_one = client.adapt(test, policy=PerRequest())
+            label_keys = {c.key for c in one_by_one.clusters}
+            # a label's adapter keeps its key from batch to batch (the plugins' caches hit)
+            reversed_batch = client.adapt(test[::-1].copy(), policy=PerRequest())
+            assert {c.key for c in reversed_batch.clusters} == label_keys
             for policy in (AutoK(max_k=8), FixedK(1), PerRequest()):
                 answer = client.adapt(test, policy=policy)
+                assert {c.key for c in answer.clusters} == label_keys
                 assert answer.k == len(predicted.unique()) == 2  # one adapter per predicted label
                 same = answer.assignments[:, None] == answer.assignments[None, :]
                 assert np.array_equal(same, (predicted[:, None] == predicted[None, :]).numpy())

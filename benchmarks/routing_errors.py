@@ -7,6 +7,12 @@ training statistics), mark each test document as routed to its own label or not,
 per-document gain of Chameleon (per request) over the static LoRA of the same seed into the two
 groups. The mean gain is then the gain on rightly routed documents plus what the misrouted ones cost.
 
+It also asks whether the classifier knows when it is wrong: for each confidence threshold (the
+classifier's top probability), the share of documents below it, how many of the misrouted ones that
+catches, and the mean gain if those documents were served the static LoRA instead (their gain set to
+zero; exact, since the static LoRA's per-document losses are on the same split). A diagnostic on test
+documents, not a chosen setting: it says whether a fallback below a threshold is worth building.
+
     python benchmarks/routing_errors.py --study .chameleon/studies/early-150-b12-classifier \
         --out docs/results/classifier-routing
 
@@ -28,6 +34,26 @@ from adapter_service.model_loading import SMOLLM2, load_causal_lm
 from adapter_service.statistics import compute_statistic
 from adapter_service.training import load_examples
 
+# Confidence thresholds for the fallback diagnostic (the top probability of six labels is >= 1/6).
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+def fallback_curve(confidence: np.ndarray, right: np.ndarray, gain: np.ndarray) -> list[dict]:
+    """Per threshold: what serving the static LoRA to the documents the classifier is unsure of gives."""
+    curve = []
+    for threshold in THRESHOLDS:
+        unsure = confidence < threshold
+        curve.append(
+            {
+                "threshold": threshold,
+                "fallen_back": float(unsure.mean()),
+                "misrouted_caught": int((unsure & ~right).sum()),
+                "rightly_routed_lost": int((unsure & right).sum()),
+                "gain_all": float(np.where(unsure, 0.0, gain).mean()),
+            }
+        )
+    return curve
+
 
 def seed_errors(
     train: torch.Tensor,
@@ -41,7 +67,8 @@ def seed_errors(
     mean, scale = standardisation(train)
     probe = fit_linear_probe((train - mean) / scale, y_train, int(y_train.max()) + 1, seed)
     with torch.no_grad():
-        right = probe((test - mean) / scale).argmax(1).numpy() == y_test
+        probabilities = probe((test - mean) / scale).softmax(1).numpy()
+    right = probabilities.argmax(1) == y_test
     wrong = ~right
     return {
         "seed": seed,
@@ -53,6 +80,7 @@ def seed_errors(
         "gain_misrouted": float(gain[wrong].mean()) if wrong.any() else None,
         # what the misrouted documents take off the mean, against gaining what the others gain
         "cost_of_misrouting": float((gain[wrong] - gain[right].mean()).sum() / len(gain)),
+        "fallback": fallback_curve(probabilities.max(1), right, gain),
     }
 
 
@@ -116,11 +144,56 @@ def main(argv: list[str] | None = None) -> int:
         key: float(np.mean([r[key] for r in rows]))
         for key in ("accuracy", "gain_all", "gain_rightly_routed", "gain_misrouted", "cost_of_misrouting")
     }
+    fallback = [
+        {
+            key: float(np.mean([r["fallback"][i][key] for r in rows]))
+            for key in ("threshold", "fallen_back", "misrouted_caught", "rightly_routed_lost", "gain_all")
+        }
+        for i in range(len(THRESHOLDS))
+    ]
+    for point in fallback:
+        print(
+            f"fallback below {point['threshold']:.2f}: {point['fallen_back']:.1%} of documents, "
+            f"{point['misrouted_caught']:.1f} misrouted and {point['rightly_routed_lost']:.1f} rightly "
+            f"routed per seed; gain {point['gain_all']:+.4f} (none: {summary['gain_all']:+.4f})"
+        )
     (out / "routing_errors.json").write_text(
-        json.dumps({"study": args.study, "labels": names, "seeds": rows, "mean": summary}, indent=1)
+        json.dumps(
+            {"study": args.study, "labels": names, "seeds": rows, "mean": summary, "fallback": fallback},
+            indent=1,
+        )
     )
-    print(f"wrote {out / 'routing_errors.json'}")
+    plot_fallback(rows, summary, out / "routing_errors.png")
+    print(f"wrote {out / 'routing_errors.json'} and routing_errors.png")
     return 0
+
+
+def plot_fallback(rows: list[dict], summary: dict, path: Path) -> None:
+    """The mean gain against the threshold below which the static LoRA would serve, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        curve = row["fallback"]
+        ax.plot(
+            [0.0] + [p["threshold"] for p in curve],
+            [row["gain_all"]] + [p["gain_all"] for p in curve],
+            marker="o",
+            alpha=0.6,
+            label=f"seed {row['seed']}",
+        )
+    ax.axhline(summary["gain_all"], color="k", ls="--", lw=1, label="mean, no fallback")
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("classifier confidence below which the static LoRA serves")
+    ax.set_ylabel("test NLL gain vs static LoRA (lower is better)")
+    ax.set_title("Predicted-label routing: a fallback for unsure requests?")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

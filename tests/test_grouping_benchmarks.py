@@ -51,3 +51,20 @@ def test_routing_errors_split_the_gain_by_whether_a_document_was_routed_right() 
     assert row["gain_rightly_routed"] == pytest.approx(-0.1) and row["gain_misrouted"] == pytest.approx(0.5)
     assert row["gain_all"] == pytest.approx(0.9 * -0.1 + 0.1 * 0.5)
     assert row["cost_of_misrouting"] == pytest.approx(2 * 0.6 / 20)  # 0.5 instead of -0.1, twice
+
+
+def test_the_fallback_curve_serves_the_static_lora_below_the_threshold() -> None:
+    errors = _load("routing_errors")
+    confidence = np.array([0.3, 0.55, 0.97, 0.99])
+    right = np.array([False, True, True, True])
+    gain = np.array([0.4, -0.2, -0.1, -0.1])
+    curve = {p["threshold"]: p for p in errors.fallback_curve(confidence, right, gain)}
+    # below 0.5 only the misrouted document falls back: its loss becomes the static LoRA's
+    assert curve[0.5]["misrouted_caught"] == 1 and curve[0.5]["rightly_routed_lost"] == 0
+    assert curve[0.5]["gain_all"] == pytest.approx((-0.2 - 0.1 - 0.1) / 4)
+    # below 0.6 a rightly routed one falls back too, and its gain is lost
+    assert curve[0.6]["fallen_back"] == pytest.approx(0.5)
+    assert curve[0.6]["gain_all"] == pytest.approx((-0.1 - 0.1) / 4)
+    # strictly below: a document exactly at the threshold keeps its adapter
+    assert curve[0.99]["fallen_back"] == pytest.approx(0.75)
+    assert curve[0.99]["gain_all"] == pytest.approx(-0.1 / 4)

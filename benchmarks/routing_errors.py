@@ -163,12 +163,12 @@ def main(argv: list[str] | None = None) -> int:
             indent=1,
         )
     )
-    plot_fallback(rows, summary, out / "routing_errors.png")
+    plot_fallback(rows, summary, fallback, out / "routing_errors.png")
     print(f"wrote {out / 'routing_errors.json'} and routing_errors.png")
     return 0
 
 
-def plot_fallback(rows: list[dict], summary: dict, path: Path) -> None:
+def plot_fallback(rows: list[dict], summary: dict, fallback: list[dict], path: Path) -> None:
     """The mean gain against the threshold below which the static LoRA would serve, one line per seed."""
     import matplotlib
 
@@ -185,6 +185,14 @@ def plot_fallback(rows: list[dict], summary: dict, path: Path) -> None:
             alpha=0.6,
             label=f"seed {row['seed']}",
         )
+    ax.plot(
+        [0.0] + [p["threshold"] for p in fallback],
+        [summary["gain_all"]] + [p["gain_all"] for p in fallback],
+        color="k",
+        lw=2,
+        marker="s",
+        label="mean over seeds",
+    )
     ax.axhline(summary["gain_all"], color="k", ls="--", lw=1, label="mean, no fallback")
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_xlabel("classifier confidence below which the static LoRA serves")

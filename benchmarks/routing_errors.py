@@ -163,12 +163,12 @@ def main(argv: list[str] | None = None) -> int:
             indent=1,
         )
     )
-    plot_fallback(rows, summary, fallback, out / "routing_errors.png")
+    plot_fallback(rows, summary, fallback, config["routing"], out / "routing_errors.png")
     print(f"wrote {out / 'routing_errors.json'} and routing_errors.png")
     return 0
 
 
-def plot_fallback(rows: list[dict], summary: dict, fallback: list[dict], path: Path) -> None:
+def plot_fallback(rows: list[dict], summary: dict, fallback: list[dict], routing: str, path: Path) -> None:
     """The mean gain against the threshold below which the static LoRA would serve, one line per seed."""
     import matplotlib
 
@@ -197,7 +197,7 @@ def plot_fallback(rows: list[dict], summary: dict, fallback: list[dict], path: P
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_xlabel("classifier confidence below which the static LoRA serves")
     ax.set_ylabel("test NLL gain vs static LoRA (lower is better)")
-    ax.set_title("Predicted-label routing: a fallback for unsure requests?")
+    ax.set_title(f"{routing} routing: a fallback for unsure requests?")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -122,8 +122,7 @@ def group_requests(
     its clusters are its predicted labels, whatever the policy: per request, rows with equal basis
     weights merged. A batch then needs at most one adapter per label. Returns the clusters and, for
     label groups, each one's basis weights [k, bases] (None otherwise)."""
-    config = runtime.manifest.hypernetwork.get("config", {})
-    if config.get("routing") != "predicted-label" or runtime.manifest.mixture is None:
+    if runtime.manifest.routing != "predicted-label" or runtime.manifest.mixture is None:
         return cluster(call.statistics, call.policy, seed=seed), None
     rows = cluster(call.statistics, PerRequest())
     weights = runtime.mixture_weights(rows.centroids)

@@ -96,6 +96,11 @@ class Manifest:
         """(module name, d_in, d_out) for every target module, in output order."""
         return [(m, g.d_in, g.d_out) for g in self.groups for m in g.modules]
 
+    @property
+    def routing(self) -> str | None:
+        """The mixture's router as trained (`hypernetwork.config.routing`); None where not recorded."""
+        return self.hypernetwork.get("config", {}).get("routing")
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["groups"] = [dict(g, modules=list(g["modules"])) for g in data["groups"]]

@@ -210,7 +210,7 @@ def run_demo(
             outputs = list(pool.map(generate, texts))
         batch_wall = time.perf_counter() - t0
         info = [o.details.chameleon for o in outputs]
-        _print_groups(chosen, texts, info, m.hypernetwork.get("config", {}).get("routing"))
+        _print_groups(chosen, texts, info, m.routing)
 
         _step(5, "continuations without (base model, greedy, in this process) and with adaptation")
         shown = _one_per_cluster(info, [c.label for c in chosen])

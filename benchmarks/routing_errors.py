@@ -145,11 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("accuracy", "gain_all", "gain_rightly_routed", "gain_misrouted", "cost_of_misrouting")
     }
     fallback = [
-        {
-            key: float(np.mean([r["fallback"][i][key] for r in rows]))
-            for key in ("threshold", "fallen_back", "misrouted_caught", "rightly_routed_lost", "gain_all")
-        }
-        for i in range(len(THRESHOLDS))
+        {key: float(np.mean([r["fallback"][i][key] for r in rows])) for key in point}
+        for i, point in enumerate(rows[0]["fallback"])
     ]
     for point in fallback:
         print(

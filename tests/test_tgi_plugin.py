@@ -25,10 +25,11 @@ import torch
 
 from adapter_service.client import AdapterClient
 from adapter_service.clustering import FixedK
+from adapter_service.plugin_settings import parse_policy
 from adapter_service.sidecar import free_port
 from adapter_service.statistics import mean_input_embedding
 from chameleon_tgi import autoload, hooks, layout, patch
-from chameleon_tgi.config import TGIPluginConfig, parse_policy
+from chameleon_tgi.config import TGIPluginConfig
 from chameleon_tgi.registry import NAME_PREFIX
 from chameleon_torch import PluginConfig, attach
 from chameleon_torch.model import AdapterHandle

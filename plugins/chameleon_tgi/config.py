@@ -6,7 +6,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from adapter_service.clustering import AutoK, ClusteringPolicy, FixedK
+from adapter_service.clustering import AutoK, ClusteringPolicy
+from adapter_service.plugin_settings import flag, parse_policy, positive, wire_dtype
 
 
 @dataclass(frozen=True)
@@ -37,63 +38,25 @@ class TGIPluginConfig:
             ("CHAMELEON_MANIFEST_TIMEOUT_MS", "manifest_timeout_s"),
         ):
             if var in env:
-                kwargs[key] = _positive(var, env[var], float) / 1000
+                kwargs[key] = positive(var, env[var], float) / 1000
         if "CHAMELEON_POLICY" in env:
             kwargs["policy"] = parse_policy(env["CHAMELEON_POLICY"])
         if env.get("CHAMELEON_WIRE_DTYPE"):
-            value = env["CHAMELEON_WIRE_DTYPE"]
-            if value not in ("float32", "float16", "bfloat16"):
-                raise ValueError(
-                    f"CHAMELEON_WIRE_DTYPE: expected float32, float16 or bfloat16, got {value!r}"
-                )
-            kwargs["wire_dtype"] = value
+            kwargs["wire_dtype"] = wire_dtype("CHAMELEON_WIRE_DTYPE", env["CHAMELEON_WIRE_DTYPE"])
         if "CHAMELEON_CACHE_MB" in env:
             kwargs["cache_bytes"] = int(
-                _positive("CHAMELEON_CACHE_MB", env["CHAMELEON_CACHE_MB"], float, zero=True) * 2**20
+                positive("CHAMELEON_CACHE_MB", env["CHAMELEON_CACHE_MB"], float, zero=True) * 2**20
             )
         if "CHAMELEON_MAX_HELD_KEYS" in env:
-            kwargs["max_held_keys"] = _positive(
+            kwargs["max_held_keys"] = positive(
                 "CHAMELEON_MAX_HELD_KEYS", env["CHAMELEON_MAX_HELD_KEYS"], int, zero=True
             )
         if "CHAMELEON_CHECK_WEIGHTS" in env:
-            kwargs["check_weights"] = _flag("CHAMELEON_CHECK_WEIGHTS", env["CHAMELEON_CHECK_WEIGHTS"])
+            kwargs["check_weights"] = flag("CHAMELEON_CHECK_WEIGHTS", env["CHAMELEON_CHECK_WEIGHTS"])
         if env.get("CHAMELEON_METRICS_PORT"):
-            kwargs["metrics_port"] = _positive("CHAMELEON_METRICS_PORT", env["CHAMELEON_METRICS_PORT"], int)
+            kwargs["metrics_port"] = positive("CHAMELEON_METRICS_PORT", env["CHAMELEON_METRICS_PORT"], int)
         if "CHAMELEON_TGI_ALLOW_UNTESTED" in env:
-            kwargs["allow_untested"] = _flag(
+            kwargs["allow_untested"] = flag(
                 "CHAMELEON_TGI_ALLOW_UNTESTED", env["CHAMELEON_TGI_ALLOW_UNTESTED"]
             )
         return cls(**kwargs)
-
-
-def parse_policy(text: str) -> ClusteringPolicy:
-    """ "auto:8" -> AutoK(max_k=8); "fixed:3" -> FixedK(3)."""
-    kind, _, number = text.strip().partition(":")
-    try:
-        k = int(number)
-    except ValueError:
-        k = 0
-    if kind == "auto" and k >= 1:
-        return AutoK(max_k=k)
-    if kind == "fixed" and k >= 1:
-        return FixedK(k)
-    raise ValueError(f"CHAMELEON_POLICY: expected auto:MAX_K or fixed:K (K >= 1), got {text!r}")
-
-
-def _positive(var: str, text: str, kind: type, zero: bool = False):
-    try:
-        value = kind(text)
-    except ValueError:
-        value = -1
-    if value < 0 or (value == 0 and not zero):
-        raise ValueError(f"{var}: expected a {'non-negative' if zero else 'positive'} number, got {text!r}")
-    return value
-
-
-def _flag(var: str, text: str) -> bool:
-    value = text.strip().lower()
-    if value in {"1", "true", "yes"}:
-        return True
-    if value in {"0", "false", "no", ""}:
-        return False
-    raise ValueError(f"{var}: expected 1 or 0, got {text!r}")

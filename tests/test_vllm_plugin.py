@@ -129,7 +129,13 @@ def output_to(path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def engine(
-    model: Path, *, sidecar: str | None, plugins: str | None = None, log: Path | None = None, **settings
+    model: Path,
+    *,
+    sidecar: str | None,
+    plugins: str | None = None,
+    log: Path | None = None,
+    env: dict[str, str] | None = None,
+    **settings,
 ):
     """A real vLLM LLM (engine core and worker in their own processes, as in production)."""
     from vllm import LLM
@@ -145,7 +151,7 @@ def engine(
         "seed": 0,
         **settings,
     }
-    env = {**ENGINE_ENV, "CHAMELEON_SIDECAR": sidecar, "VLLM_PLUGINS": plugins}
+    env = {**ENGINE_ENV, "CHAMELEON_SIDECAR": sidecar, "VLLM_PLUGINS": plugins, **(env or {})}
     with environment(**env), output_to(log) if log else contextlib.nullcontext():
         llm = LLM(model=str(model), **options)
     try:
@@ -201,7 +207,7 @@ def chameleon_llm(tiny_dir: Path, sidecar: SidecarProcess, tmp_path_factory: pyt
         "CHAMELEON_WIRE_DTYPE": "float32",
         "CHAMELEON_METRICS_PORT": str(port),
     }
-    with environment(**settings), engine(tiny_dir, sidecar=sidecar.address, log=log, max_cpu_loras=4) as llm:
+    with engine(tiny_dir, sidecar=sidecar.address, log=log, env=settings, max_cpu_loras=4) as llm:
         yield llm, port, log
 
 
@@ -464,12 +470,14 @@ def test_smollm2_with_the_demo_artifact_equals_chameleon_torch(tmp_path: Path) -
     artifact = Path(__file__).parents[1] / "adapter_service" / "data" / "demo-artifact"
     tokens_n = 12
     with SidecarProcess(artifact) as running:
-        with (
-            environment(CHAMELEON_WIRE_DTYPE="float32"),
-            engine(
-                model_dir, sidecar=running.address, max_loras=8, max_lora_rank=64, max_model_len=512
-            ) as llm,
-        ):
+        with engine(
+            model_dir,
+            sidecar=running.address,
+            env={"CHAMELEON_WIRE_DTYPE": "float32", "CHAMELEON_METRICS_PORT": ""},
+            max_loras=8,
+            max_lora_rank=64,
+            max_model_len=512,
+        ) as llm:
             rows = run(llm, SMOL_PROMPTS, sampling(tokens=tokens_n))
         tokens, logprobs, keys = torch_reference(
             model_dir, tokenizer, SMOL_PROMPTS, running.address, None, tokens_n
@@ -486,15 +494,18 @@ def test_smollm2_with_the_demo_artifact_equals_chameleon_torch(tmp_path: Path) -
 def test_vllms_cpu_shrink_gives_rows_without_an_adapter_the_last_slot_and_the_mask_fixes_it() -> None:
     from vllm.lora.ops.torch_ops import lora_ops
 
+    stock_shrink = getattr(
+        lora_ops.bgmv_shrink, "__wrapped__", lora_ops.bgmv_shrink
+    )  # unmasked, if installed
     torch.manual_seed(0)
     x = torch.randn(3, 16)
     weights = torch.randn(2, 1, 4, 16)  # two slots, rank 4
     indices = torch.tensor([0, -1, 1])
     stock = torch.zeros(3, 4)
-    lora_ops.bgmv_shrink(x, weights, stock, indices, 1.0)
+    stock_shrink(x, weights, stock, indices, 1.0)
     assert torch.allclose(stock[1], x[1] @ weights[1, 0].T, atol=1e-5)  # the bug: slot -1 = the last
     fixed = torch.zeros(3, 4)
-    worker.mask_missing_adapter(lora_ops.bgmv_shrink)(x, weights, fixed, indices, 1.0)
+    worker.mask_missing_adapter(stock_shrink)(x, weights, fixed, indices, 1.0)
     assert torch.equal(fixed[1], torch.zeros(4))
     assert torch.equal(fixed[[0, 2]], stock[[0, 2]])
 

@@ -7,6 +7,9 @@ name, what it expects, and what it got. Client side only: the server never impor
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from adapter_service.clustering import AutoK, ClusteringPolicy, FixedK
 
 
@@ -48,3 +51,28 @@ def wire_dtype(var: str, text: str) -> str:
     if text not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"{var}: expected float32, float16 or bfloat16, got {text!r}")
     return text
+
+
+def common_settings(env: Mapping[str, str], allow_untested_var: str) -> dict[str, Any]:
+    """The settings every engine plugin reads the same way, as config keyword arguments; each plugin
+    adds its own (sidecar, policy, ...)."""
+    kwargs: dict[str, Any] = {}
+    for var, key in (
+        ("CHAMELEON_DEADLINE_MS", "deadline_s"),
+        ("CHAMELEON_MANIFEST_TIMEOUT_MS", "manifest_timeout_s"),
+    ):
+        if var in env:
+            kwargs[key] = positive(var, env[var], float) / 1000
+    if env.get("CHAMELEON_WIRE_DTYPE"):
+        kwargs["wire_dtype"] = wire_dtype("CHAMELEON_WIRE_DTYPE", env["CHAMELEON_WIRE_DTYPE"])
+    if "CHAMELEON_MAX_HELD_KEYS" in env:
+        kwargs["max_held_keys"] = positive(
+            "CHAMELEON_MAX_HELD_KEYS", env["CHAMELEON_MAX_HELD_KEYS"], int, zero=True
+        )
+    if "CHAMELEON_CHECK_WEIGHTS" in env:
+        kwargs["check_weights"] = flag("CHAMELEON_CHECK_WEIGHTS", env["CHAMELEON_CHECK_WEIGHTS"])
+    if env.get("CHAMELEON_METRICS_PORT"):
+        kwargs["metrics_port"] = positive("CHAMELEON_METRICS_PORT", env["CHAMELEON_METRICS_PORT"], int)
+    if allow_untested_var in env:
+        kwargs["allow_untested"] = flag(allow_untested_var, env[allow_untested_var])
+    return kwargs

@@ -76,6 +76,17 @@ def mean_input_embedding(
         return _masked_mean(embedding[input_ids], attention_mask)
 
 
+def prompts_mean_input_embedding(embedding: torch.Tensor, prompts: list[list[int]]) -> torch.Tensor:
+    """`mean_input_embedding` of unpadded token-id lists (as engines hold prompts) -> [N, D] fp32."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.as_tensor(prompt, dtype=torch.long)
+        mask[row, : len(prompt)] = 1
+    return mean_input_embedding(embedding, ids.to(embedding.device), mask.to(embedding.device))
+
+
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder blocks of a transformers causal LM (Llama-family `model.layers`, GPT-2 `transformer.h`)."""
     for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from adapter_service.clustering import AutoK, ClusteringPolicy
-from adapter_service.plugin_settings import flag, parse_policy, positive, wire_dtype
+from adapter_service.plugin_settings import common_settings, parse_policy, positive
 
 
 @dataclass(frozen=True)
@@ -30,33 +30,13 @@ class TGIPluginConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> TGIPluginConfig:
         """Parse CHAMELEON_* variables; ValueError naming the variable on a bad value."""
         env = os.environ if env is None else env
-        kwargs: dict = {}
+        kwargs = common_settings(env, "CHAMELEON_TGI_ALLOW_UNTESTED")
         if "CHAMELEON_SIDECAR" in env:
             kwargs["sidecar"] = env["CHAMELEON_SIDECAR"]
-        for var, key in (
-            ("CHAMELEON_DEADLINE_MS", "deadline_s"),
-            ("CHAMELEON_MANIFEST_TIMEOUT_MS", "manifest_timeout_s"),
-        ):
-            if var in env:
-                kwargs[key] = positive(var, env[var], float) / 1000
         if "CHAMELEON_POLICY" in env:
             kwargs["policy"] = parse_policy(env["CHAMELEON_POLICY"])
-        if env.get("CHAMELEON_WIRE_DTYPE"):
-            kwargs["wire_dtype"] = wire_dtype("CHAMELEON_WIRE_DTYPE", env["CHAMELEON_WIRE_DTYPE"])
         if "CHAMELEON_CACHE_MB" in env:
             kwargs["cache_bytes"] = int(
                 positive("CHAMELEON_CACHE_MB", env["CHAMELEON_CACHE_MB"], float, zero=True) * 2**20
-            )
-        if "CHAMELEON_MAX_HELD_KEYS" in env:
-            kwargs["max_held_keys"] = positive(
-                "CHAMELEON_MAX_HELD_KEYS", env["CHAMELEON_MAX_HELD_KEYS"], int, zero=True
-            )
-        if "CHAMELEON_CHECK_WEIGHTS" in env:
-            kwargs["check_weights"] = flag("CHAMELEON_CHECK_WEIGHTS", env["CHAMELEON_CHECK_WEIGHTS"])
-        if env.get("CHAMELEON_METRICS_PORT"):
-            kwargs["metrics_port"] = positive("CHAMELEON_METRICS_PORT", env["CHAMELEON_METRICS_PORT"], int)
-        if "CHAMELEON_TGI_ALLOW_UNTESTED" in env:
-            kwargs["allow_untested"] = flag(
-                "CHAMELEON_TGI_ALLOW_UNTESTED", env["CHAMELEON_TGI_ALLOW_UNTESTED"]
             )
         return cls(**kwargs)

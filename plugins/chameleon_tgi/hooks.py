@@ -32,7 +32,7 @@ from adapter_service import codec
 from adapter_service.client import AdapterClient, AdapterServiceError, InvalidResponse, ServiceManifest
 from adapter_service.fallback import Fallback, ManifestMismatch, ensure_manifest, sidecar_fallback
 from adapter_service.model_spec import embedding_sha256
-from adapter_service.statistics import MEAN_INPUT_EMBEDDING, mean_input_embedding
+from adapter_service.statistics import MEAN_INPUT_EMBEDDING, prompts_mean_input_embedding
 from chameleon_tgi.config import TGIPluginConfig
 from chameleon_tgi.layout import (
     LayerTypeShape,
@@ -397,14 +397,7 @@ class ChameleonTGI:
 
     def statistics(self, prompts: list[list[int]]) -> torch.Tensor:
         """The shared statistic of each full prompt ([N, D] float32), pads excluded."""
-        weight = self.weight
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        mask = torch.zeros(len(prompts), width, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)] = torch.as_tensor(prompt, dtype=torch.long)
-            mask[row, : len(prompt)] = 1
-        return mean_input_embedding(weight, ids.to(weight.device), mask.to(weight.device))
+        return prompts_mean_input_embedding(self.weight, prompts)
 
     def _prepare(self, cluster: Any, manifest: ServiceManifest) -> Prepared:
         if cluster.omitted:

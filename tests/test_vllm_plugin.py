@@ -296,6 +296,8 @@ def test_mixed_group_equals_chameleon_torch_and_stock_vllm(
             )
             worst = max(worst, float(np.max(np.abs(np.subtract(rows[i][1], logprobs[row])))))
     assert worst < 1e-4, f"max |logprob difference| {worst:.2e}"
+    hint = "--lora-target-modules model.layers.0.self_attn.qkv_proj model.layers.1.self_attn.qkv_proj"
+    assert hint in log.read_text()  # vLLM wraps all 8 linear layers; the artifact adapts 2
     for i in (*OPTED_OUT, STATIC):  # base rows next to three clusters and a static LoRA in 4 slots
         assert rows[i] == stock_rows[i], f"prompt {i} differs from stock vLLM"
     assert any(rows[i][0] != stock_rows[i][0] for i in MANAGED), "no managed row was adapted"

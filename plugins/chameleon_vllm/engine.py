@@ -148,6 +148,13 @@ class ChameleonEngine:
         )
         check_fit(manifest, facts, self.lora_config, self.config.check_weights)
         self.manifest = manifest
+        needed = facts["needed_modules"]
+        if facts["wrapped_modules"] > len(needed):
+            # vLLM's CPU LoRA path costs every wrapped layer a LoRA term, adapter or not.
+            log.info(
+                f"chameleon: vLLM computes LoRA terms for {facts['wrapped_modules']} layers, this artifact "
+                f"adapts {len(needed)}: --lora-target-modules {' '.join(needed)} restricts vLLM to those"
+            )
         log.info(
             f"chameleon attached: artifact {manifest.artifact_id}, {len(manifest.targets)} targets, "
             f"rank {manifest.rank}, policy {self.policy()}, max_loras {self.lora_config.max_loras}"

@@ -64,36 +64,49 @@ def describe(worker: Any, targets: list[tuple[str, int, int]], hash_weights: boo
     if manager is None:
         facts["target_problems"].append("LoRA is not enabled in this engine")
         return facts
+    needed = set()
     for name, d_in, d_out in targets:
-        problem = _target_problem(manager, name, d_in, d_out)
-        if problem:
-            facts["target_problems"].append(problem)
+        found = _lora_layer(manager, name)
+        if found is None:
+            facts["target_problems"].append(_missing_target(manager, name))
+            continue
+        vllm_name, layer, index = found
+        needed.add(vllm_name)
+        base = getattr(layer, "base_layer", layer)
+        sizes = getattr(base, "output_sizes", None)
+        d_out_have = (
+            sizes[index] if index is not None and sizes is not None else getattr(base, "output_size", None)
+        )
+        have = (getattr(base, "input_size", None), d_out_have)
+        if None not in have and have != (d_in, d_out):
+            facts["target_problems"].append(
+                f"target {name!r}: vLLM's layer has (d_in, d_out) = {have}, artifact expects {(d_in, d_out)}"
+            )
+    facts["needed_modules"] = sorted(needed)  # vLLM's names of the layers the artifact adapts
+    facts["wrapped_modules"] = len(manager.modules)  # the layers vLLM computes a LoRA term for
     return facts
 
 
-def _target_problem(manager: Any, name: str, d_in: int, d_out: int) -> str | None:
-    """Why vLLM cannot apply a LoRA to the Hugging Face module `name`; None when it can."""
+def _lora_layer(manager: Any, name: str) -> tuple[str, Any, int | None] | None:
+    """vLLM's LoRA layer for the Hugging Face module `name`: (its name, the layer, the slice index in
+    a packed layer such as qkv_proj, or None)."""
+    if name in manager.modules:
+        return name, manager.modules[name], None
     prefix, _, leaf = name.rpartition(".")
-    layer, index = manager.modules.get(name), None
-    if layer is None:
-        for packed, members in manager.packed_modules_mapping.items():
-            if leaf in members and f"{prefix}.{packed}" in manager.modules:
-                layer, index = manager.modules[f"{prefix}.{packed}"], members.index(leaf)
-                break
-    if layer is None:
-        adaptable = sorted(
-            {m for p in manager.supported_lora_modules for m in manager.packed_modules_mapping.get(p, [p])}
-        )
-        return f"target {name!r}: vLLM applies LoRA to none of this model's modules of that name " + (
-            f"(it adapts {', '.join(adaptable)})"
-        )
-    base = getattr(layer, "base_layer", layer)
-    sizes = getattr(base, "output_sizes", None)
-    have_out = sizes[index] if index is not None and sizes is not None else getattr(base, "output_size", None)
-    have = (getattr(base, "input_size", None), have_out)
-    if None not in have and have != (d_in, d_out):
-        return f"target {name!r}: vLLM's layer has (d_in, d_out) = {have}, artifact expects {(d_in, d_out)}"
+    for packed, members in manager.packed_modules_mapping.items():
+        if leaf in members and f"{prefix}.{packed}" in manager.modules:
+            return f"{prefix}.{packed}", manager.modules[f"{prefix}.{packed}"], members.index(leaf)
     return None
+
+
+def _missing_target(manager: Any, name: str) -> str:
+    adaptable = sorted(
+        {m for p in manager.supported_lora_modules for m in manager.packed_modules_mapping.get(p, [p])}
+    )
+    return (
+        f"target {name!r}: vLLM applies LoRA to no module of that name (this model adapts "
+        f"{', '.join(adaptable)}; if --lora-target-modules is set, it must include this one)"
+    )
 
 
 def statistics(worker: Any, prompts: list[list[int]]) -> np.ndarray:

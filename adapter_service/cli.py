@@ -59,10 +59,10 @@ def _targets(text: str) -> list[str]:
 
 def _serve(args: argparse.Namespace) -> int:
     _limit_blas_threads(args.blas_threads)
-    from adapter_service import logs
-    from adapter_service.artifact import ArtifactError
-    from adapter_service.server import ServerConfig, ServiceError, run
-    from adapter_service.validation import Limits
+    from adapter_service.core.artifact import ArtifactError
+    from adapter_service.serving import logs
+    from adapter_service.serving.server import ServerConfig, ServiceError, run
+    from adapter_service.serving.validation import Limits
 
     logs.configure(args.log_level, json_format=not args.plain_logs)
     config = ServerConfig(
@@ -90,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from adapter_service.export import make_fresh_artifact
+    from adapter_service.training.export import make_fresh_artifact
 
     targets = _targets(args.targets)
     try:
@@ -140,12 +140,12 @@ def _export_peft(args: argparse.Namespace) -> int:
     """The adapter the service would generate if these prompts formed one cluster, as a PEFT dir."""
     import torch
 
-    from adapter_service.artifact import ArtifactError, load_artifact
-    from adapter_service.clustering import FixedK, cluster
-    from adapter_service.model_loading import load_causal_lm
-    from adapter_service.model_spec import fingerprint
-    from adapter_service.peft_export import write_peft_adapter
-    from adapter_service.statistics import compute_statistic
+    from adapter_service.core.artifact import ArtifactError, load_artifact
+    from adapter_service.core.clustering import FixedK, cluster
+    from adapter_service.models.loading import load_causal_lm
+    from adapter_service.models.spec import fingerprint
+    from adapter_service.models.statistics import compute_statistic
+    from adapter_service.training.peft_export import write_peft_adapter
 
     try:
         artifact = load_artifact(args.artifact)
@@ -190,8 +190,8 @@ def _export_peft(args: argparse.Namespace) -> int:
 
 
 def _study_inputs(args: argparse.Namespace):
-    from adapter_service.model_loading import load_causal_lm
-    from adapter_service.training import load_examples
+    from adapter_service.models.loading import load_causal_lm
+    from adapter_service.training.trainer import load_examples
 
     model, tokenizer = load_causal_lm(args.model)
     splits = load_examples(
@@ -214,7 +214,7 @@ def _study_inputs(args: argparse.Namespace):
 
 def _train_policy(args: argparse.Namespace):
     """--train-k as a clustering policy for the training batches."""
-    from adapter_service.clustering import AutoK, FixedK
+    from adapter_service.core.clustering import AutoK, FixedK
 
     if args.train_k == "auto":
         return AutoK(max_k=args.max_k)
@@ -231,9 +231,9 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from adapter_service.export import export_artifact, plan_export
-    from adapter_service.hypernetwork import build_network, emitted_rank
-    from adapter_service.training import (
+    from adapter_service.training.export import export_artifact, plan_export
+    from adapter_service.training.hypernetwork import build_network, emitted_rank
+    from adapter_service.training.trainer import (
         PrefixCache,
         StaticLoRA,
         StatisticCache,
@@ -333,9 +333,9 @@ def _eval(args: argparse.Namespace) -> int:
     import shlex
     import time
 
-    from adapter_service.evaluation import StudyConfig, run_study
-    from adapter_service.report import write_report
-    from adapter_service.training import resolve_routing
+    from adapter_service.training.evaluation import StudyConfig, run_study
+    from adapter_service.training.report import write_report
+    from adapter_service.training.trainer import resolve_routing
 
     started = time.perf_counter()
     model, tokenizer, splits = _study_inputs(args)
@@ -400,7 +400,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from adapter_service.demo import DEMO_ARTIFACT, run_demo
+    from adapter_service.demo.run import DEMO_ARTIFACT, run_demo
 
     return run_demo(
         workdir=Path(args.workdir),
@@ -412,7 +412,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _fetch_corpora(args: argparse.Namespace) -> int:
-    from adapter_service import debian_corpora
+    from adapter_service.data import debian_corpora
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = debian_corpora.fetch(Path(args.dest) if args.dest else None, force=args.force)

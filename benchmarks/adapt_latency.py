@@ -34,8 +34,8 @@ if str(REPO) not in sys.path:  # runnable as `python benchmarks/adapt_latency.py
     sys.path.insert(0, str(REPO))
 
 from adapter_service.client import AdapterClient, build_adapt_request  # noqa: E402
-from adapter_service.clustering import AutoK  # noqa: E402
-from adapter_service.sidecar import SidecarProcess  # noqa: E402
+from adapter_service.core.clustering import AutoK  # noqa: E402
+from adapter_service.demo.sidecar import SidecarProcess  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import synthetic_batch  # noqa: E402
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def make_artifact(path: Path) -> dict:
-    from adapter_service.export import make_fresh_artifact
+    from adapter_service.training.export import make_fresh_artifact
 
     started = time.perf_counter()
     artifact = make_fresh_artifact(CONFIG_PATH, list(TARGETS), RANK, path, init="random")
@@ -274,7 +274,7 @@ def r3(x: float) -> float:
 def machine_info() -> dict:
     import grpc
 
-    from adapter_service.runtime import import_onnxruntime
+    from adapter_service.serving.runtime import import_onnxruntime
 
     ort = import_onnxruntime()
     return {

@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import synthetic_batch  # noqa: E402
 
 from adapter_service.client import AdapterClient, AdapterServiceError, BasesCache, build_adapt_request  # noqa: E402
-from adapter_service.clustering import FixedK  # noqa: E402
-from adapter_service.sidecar import SidecarProcess  # noqa: E402
+from adapter_service.core.clustering import FixedK  # noqa: E402
+from adapter_service.demo.sidecar import SidecarProcess  # noqa: E402
 
 CONFIG_PATH = REPO / "adapter_service" / "data" / "smollm2-135m-config.json"
 TARGETS = ("q_proj", "v_proj")
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 def make_artifact(path: Path) -> dict:
     import torch
 
-    from adapter_service.export import export_artifact, load_model, plan_export
-    from adapter_service.hypernetwork import build_network
+    from adapter_service.training.export import export_artifact, load_model, plan_export
+    from adapter_service.training.hypernetwork import build_network
 
     model = load_model(CONFIG_PATH)
     plan = plan_export(model, list(TARGETS), BASES * BASIS_RANK, init="random", kind="mixture", bases=BASES)

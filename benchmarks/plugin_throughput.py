@@ -4,7 +4,7 @@
     python benchmarks/plugin_throughput.py --rank 48 --ks 1 4 8 32 --tag rank48   # the mixture's rank
     python benchmarks/plugin_throughput.py --rank 48 --mixture 6 --ks 1 8 32 --whole-ks 1 8 --tag mixture48
 
-SmolLM2-135M-Instruct (the PyPI GGUF, see adapter_service.model_loading), a batch of mixed prompts,
+SmolLM2-135M-Instruct (the PyPI GGUF, see adapter_service.models.loading), a batch of mixed prompts,
 greedy decoding with exactly `--new-tokens` new tokens per row. Variants, interleaved round by round
 (the order rotates each round) so machine noise hits all alike:
   base         the model as loaded
@@ -46,12 +46,12 @@ sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
 from adapter_service.client import AdapterClient  # noqa: E402
-from adapter_service.clustering import FixedK  # noqa: E402
-from adapter_service.export import export_artifact, make_fresh_artifact, plan_export  # noqa: E402
-from adapter_service.hypernetwork import build_network  # noqa: E402
-from adapter_service.model_loading import SMOLLM2, load_causal_lm  # noqa: E402
-from adapter_service.model_spec import find_targets  # noqa: E402
-from adapter_service.sidecar import SidecarProcess  # noqa: E402
+from adapter_service.core.clustering import FixedK  # noqa: E402
+from adapter_service.demo.sidecar import SidecarProcess  # noqa: E402
+from adapter_service.models.loading import SMOLLM2, load_causal_lm  # noqa: E402
+from adapter_service.models.spec import find_targets  # noqa: E402
+from adapter_service.training.export import export_artifact, make_fresh_artifact, plan_export  # noqa: E402
+from adapter_service.training.hypernetwork import build_network  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 def mixture_artifact(model, ids: torch.Tensor, mask: torch.Tensor, rank: int, bases: int, out: Path):
     """A mixture artifact of `bases` bases (emitted rank `rank`), random B so the deltas are non-zero,
     its prototypes fitted on the benchmark's own prompts."""
-    from adapter_service.statistics import mean_input_embedding
+    from adapter_service.models.statistics import mean_input_embedding
 
     plan = plan_export(model, TARGETS, rank, init="random", kind="mixture", bases=bases)
     torch.manual_seed(0)

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapter_service.hypernetwork import LABEL_ROUTINGS, fit_linear_probe, standardisation
-from adapter_service.model_loading import SMOLLM2, load_causal_lm
-from adapter_service.statistics import compute_statistic
-from adapter_service.training import load_examples
+from adapter_service.models.loading import SMOLLM2, load_causal_lm
+from adapter_service.models.statistics import compute_statistic
+from adapter_service.training.hypernetwork import LABEL_ROUTINGS, fit_linear_probe, standardisation
+from adapter_service.training.trainer import load_examples
 
 # Confidence thresholds for the fallback diagnostic (the top probability of six labels is >= 1/6).
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)

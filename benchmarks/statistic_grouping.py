@@ -36,13 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapter_service.artifact import StatisticSpec, load_artifact
-from adapter_service.diagnostics import grouping_diagnostics, purity_hits
-from adapter_service.hypernetwork import fit_linear_probe, fit_prototypes, standardisation
-from adapter_service.model_loading import SMOLLM2, load_causal_lm
-from adapter_service.runtime import create_session
-from adapter_service.statistics import compute_statistic, mean_input_embedding, parse_statistic
-from adapter_service.training import load_examples
+from adapter_service.core.artifact import StatisticSpec, load_artifact
+from adapter_service.models.loading import SMOLLM2, load_causal_lm
+from adapter_service.models.statistics import compute_statistic, mean_input_embedding, parse_statistic
+from adapter_service.serving.runtime import create_session
+from adapter_service.training.diagnostics import grouping_diagnostics, purity_hits
+from adapter_service.training.hypernetwork import fit_linear_probe, fit_prototypes, standardisation
+from adapter_service.training.trainer import load_examples
 
 
 def hidden_means(model, prompts: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:

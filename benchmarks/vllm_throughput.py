@@ -46,9 +46,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from plugin_throughput import PROMPTS  # noqa: E402
 
-from adapter_service.export import make_fresh_artifact  # noqa: E402
-from adapter_service.model_loading import SMOLLM2, gguf_cache_entry, load_causal_lm, smollm2_gguf_path  # noqa: E402
-from adapter_service.sidecar import SidecarProcess, free_port  # noqa: E402
+from adapter_service.demo.sidecar import SidecarProcess, free_port  # noqa: E402
+from adapter_service.models.loading import SMOLLM2, gguf_cache_entry, load_causal_lm, smollm2_gguf_path  # noqa: E402
+from adapter_service.training.export import make_fresh_artifact  # noqa: E402
 
 TARGETS = ["model.layers.[0-3].self_attn.q_proj", "model.layers.[0-3].self_attn.v_proj"]
 RANK = 48

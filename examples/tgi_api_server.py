@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 
-from chameleon_torch.http_server import main
+from chameleon_model_server.http_server import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

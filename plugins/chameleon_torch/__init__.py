@@ -5,9 +5,13 @@
         model.generate(input_ids=input_ids, attention_mask=attention_mask, ...)
     handle.detach()
 
-Talks to the adapter service only through `adapter_service.client` (and its codec); never imports
-the service itself.
+Talks to the adapter service only through `adapter_service.client`, `adapter_service.core` and the
+torch-side `adapter_service.models`; never imports the service itself.
 """
+
+from adapter_service.extras import require
+
+require("chameleon_torch", "torch", "torch", "transformers")
 
 from chameleon_torch.config import PluginConfig
 from chameleon_torch.metrics import FALLBACK_REASONS, PluginMetrics

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adapter_service.clustering import ClusteringPolicy
+from adapter_service.core.clustering import ClusteringPolicy
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ the row's slice, zeros elsewhere, all zeros for a row without adapter), and
 Two dense matmuls per module and step, no gather, no Python loop over rows or clusters; the extra
 work over one static LoRA is K r instead of r columns, which stays small for K <= 8.
 
-A mixture in the compact form (adapter_service/compact.py) needs no K at all: every cluster shares A,
+A mixture in the compact form (adapter_service/core/compact.py) needs no K at all: every cluster shares A,
 and B_c is the bases' B with its columns scaled by the cluster's weights, so the bank holds one (A, B)
 and M carries each row's column weights instead of ones: r columns whatever the number of clusters.
 Hooks leave the wrapped module untouched, so detaching restores the model bit for bit.

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from adapter_service import codec
 from adapter_service.client import (
     AdapterClient,
     AdapterServiceError,
@@ -31,11 +30,12 @@ from adapter_service.client import (
     InvalidResponse,
     ServiceManifest,
 )
-from adapter_service.clustering import AutoK, ClusteringPolicy, FixedK, PerRequest
-from adapter_service.compact import column_weights
-from adapter_service.fallback import Fallback, ManifestMismatch, ensure_manifest, sidecar_fallback
-from adapter_service.model_spec import embedding_sha256, fingerprint, linear_shape
-from adapter_service.statistics import (
+from adapter_service.client.fallback import Fallback, ManifestMismatch, ensure_manifest, sidecar_fallback
+from adapter_service.core import codec
+from adapter_service.core.clustering import AutoK, ClusteringPolicy, FixedK, PerRequest
+from adapter_service.core.compact import column_weights
+from adapter_service.models.spec import embedding_sha256, fingerprint, linear_shape
+from adapter_service.models.statistics import (
     SENTENCE_ENCODER,
     compute_statistic,
     statistic_dim,

@@ -6,8 +6,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from adapter_service.clustering import ClusteringPolicy
-from adapter_service.plugin_settings import common_settings, parse_policy
+from adapter_service.client.settings import common_settings, parse_policy
+from adapter_service.core.clustering import ClusteringPolicy
 
 SIDECAR_VAR = "CHAMELEON_SIDECAR"
 

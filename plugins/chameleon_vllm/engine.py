@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from adapter_service.client import AdapterClient, AdapterServiceError, InvalidResponse, ServiceManifest
-from adapter_service.clustering import AutoK, ClusteringPolicy
-from adapter_service.fallback import Fallback, ManifestMismatch, ensure_manifest, sidecar_fallback
-from adapter_service.statistics import MEAN_INPUT_EMBEDDING
+from adapter_service.client.fallback import Fallback, ManifestMismatch, ensure_manifest, sidecar_fallback
+from adapter_service.core.clustering import AutoK, ClusteringPolicy
+from adapter_service.models.statistics import MEAN_INPUT_EMBEDDING
 from chameleon_vllm import worker
 from chameleon_vllm.config import VLLMPluginConfig
 from chameleon_vllm.metrics import VLLMMetrics

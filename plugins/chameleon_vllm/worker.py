@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapter_service.model_spec import embedding_sha256
-from adapter_service.statistics import prompts_mean_input_embedding
+from adapter_service.models.spec import embedding_sha256
+from adapter_service.models.statistics import prompts_mean_input_embedding
 
 SCHEME = "chameleon://"  # lora_path of the adapters this plugin hands to vLLM
 

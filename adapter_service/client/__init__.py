@@ -1,0 +1,35 @@
+"""The client side of the contract: what model servers and plugins import (gRPC, numpy and `core` only).
+
+`fallback` holds the reasons a plugin serves the base model instead, and `settings` the CHAMELEON_*
+environment variables the engine plugins share.
+"""
+
+from adapter_service.client.adapter_client import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    AdapterClient,
+    AdapterServiceError,
+    AdaptResult,
+    AsyncAdapterClient,
+    BasesCache,
+    ClusterAdapter,
+    InvalidResponse,
+    ModuleDelta,
+    ServiceManifest,
+    build_adapt_request,
+    parse_adapt_response,
+)
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "AdaptResult",
+    "AdapterClient",
+    "AdapterServiceError",
+    "AsyncAdapterClient",
+    "BasesCache",
+    "ClusterAdapter",
+    "InvalidResponse",
+    "ModuleDelta",
+    "ServiceManifest",
+    "build_adapt_request",
+    "parse_adapt_response",
+]

@@ -1,0 +1,450 @@
+"""Clients of the adapter service: `AdapterClient` (blocking) and `AsyncAdapterClient` (asyncio).
+
+The only way plugins talk to the service. Importing this module pulls in grpc, numpy and the codec,
+never onnxruntime, torch or the server, so it is cheap inside a model server. Results are typed and
+checked against the manifest: a response with a wrong shape or dtype raises InvalidResponse.
+
+With a mixture artifact the clients ask for the compact form (compact.py) by default: they keep the
+bases they were sent and rebuild every cluster's adapter from its weights, so callers see whole
+adapters either way, at a fraction of the bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from adapter_service.core import codec
+from adapter_service.core.artifact import Fingerprint, StatisticSpec
+from adapter_service.core.clustering import AutoK, ClusteringPolicy, FixedK, PerRequest
+from adapter_service.core.compact import weighted_b
+from adapter_service.proto import adapter_service_pb2 as pb
+from adapter_service.proto import adapter_service_pb2_grpc as pb_grpc
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024 + 1024 * 1024
+
+
+class AdapterServiceError(Exception):
+    """The service answered with an error status (or could not be reached)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class InvalidResponse(Exception):
+    """The service answered, but not with what its manifest promised."""
+
+
+@dataclass(frozen=True)
+class ServiceManifest:
+    artifact_id: str
+    artifact_sha256: str
+    base_model: Fingerprint
+    statistic: StatisticSpec
+    targets: tuple[tuple[str, int, int], ...]  # (module, d_in, d_out)
+    rank: int
+    scaling: float
+    dtypes: tuple[str, ...]
+    max_rows: int
+    max_clusters: int
+    max_message_bytes: int
+    mixture_bases: int = 0  # > 0: a mixture that Adapt can send in the compact form
+
+    @classmethod
+    def from_message(cls, m: pb.Manifest) -> ServiceManifest:
+        fp = m.base_model
+        return cls(
+            artifact_id=m.artifact_id,
+            artifact_sha256=m.artifact_sha256,
+            base_model=Fingerprint(
+                fp.architecture, fp.hidden_size, fp.vocab_size, fp.num_layers, fp.weights_sha256
+            ),
+            statistic=StatisticSpec(
+                m.statistic.kind, m.statistic.dim, m.statistic.normalization, dict(m.statistic.params)
+            ),
+            targets=tuple((t.name, t.d_in, t.d_out) for t in m.targets),
+            rank=m.rank,
+            scaling=m.scaling,
+            dtypes=tuple(codec.dtype_name(d) for d in m.dtypes),
+            max_rows=m.limits.max_rows,
+            max_clusters=m.limits.max_clusters,
+            max_message_bytes=m.limits.max_message_bytes,
+            mixture_bases=m.mixture.bases if m.HasField("mixture") else 0,
+        )
+
+
+@dataclass(frozen=True)
+class ModuleDelta:
+    a: Any  # [r, d_in]: numpy array, or torch tensor when asked
+    b: Any  # [d_out, r]
+
+
+@dataclass(frozen=True)
+class ClusterAdapter:
+    index: int
+    size: int
+    key: str
+    omitted: bool  # the caller holds `key`; `modules` is empty
+    modules: dict[str, ModuleDelta]  # compact form: rebuilt from the bases (empty with rebuild=False)
+    weights: np.ndarray | None = None  # compact form: float32 [bases], B's column-block weights
+
+
+@dataclass(frozen=True)
+class AdaptResult:
+    assignments: np.ndarray  # int32 [N]: cluster index of each row
+    clusters: tuple[ClusterAdapter, ...]
+    timings: dict[str, float]  # server-side seconds per stage
+    artifact_id: str
+    # Compact form: the bases' key, and the bases (A, unweighted B per module) when this response
+    # carried them; None when they were held (the client's `bases` cache has them).
+    bases_key: str = ""
+    bases: dict[str, ModuleDelta] | None = None
+
+    @property
+    def k(self) -> int:
+        return len(self.clusters)
+
+
+def build_adapt_request(
+    statistics: Any,
+    *,
+    request_ids: Sequence[str] | None = None,
+    policy: ClusteringPolicy | None = None,
+    dtype: str = "float32",
+    held_keys: Sequence[str] = (),
+    compact: bool = False,
+) -> pb.AdaptRequest:
+    """statistics: [N, D] numpy array or torch tensor (sent as float32)."""
+    if hasattr(statistics, "detach"):  # torch, without importing it
+        statistics = statistics.detach().to("cpu").float().numpy()
+    request = pb.AdaptRequest(
+        request_ids=list(request_ids or ()),
+        statistics=codec.encode(np.asarray(statistics, dtype=np.float32)),
+        dtype=codec.parse_dtype(dtype),
+        held_adapter_keys=list(held_keys),
+        compact=compact,
+    )
+    if isinstance(policy, FixedK):
+        request.clustering.fixed.k = policy.k
+    elif isinstance(policy, AutoK):
+        request.clustering.auto.max_k = policy.max_k
+        request.clustering.auto.min_cluster_size = policy.min_cluster_size
+    elif isinstance(policy, PerRequest):
+        request.clustering.per_request.SetInParent()
+    elif policy is not None:
+        raise TypeError(f"policy: expected FixedK, AutoK, PerRequest or None, got {type(policy).__name__}")
+    return request
+
+
+class BasesCache:
+    """The mixture bases a client was sent, by key (a few: one per artifact and dtype in use)."""
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self._entries: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, key: str) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+        return self._entries.get(key)
+
+    def put(self, key: str, bases: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        self._entries.pop(key, None)
+        self._entries[key] = bases
+        while len(self._entries) > self.capacity:
+            del self._entries[next(iter(self._entries))]
+
+
+def _decode_factors(
+    modules, where: str, list_field: str, shapes: dict[str, tuple[int, int]], r: int, dtype: str
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """ModuleAdapter messages -> (A [r, d_in], B [d_out, r]) per module, each checked against the
+    manifest; errors name `where` (`bases`, `clusters[i]`) and the repeated field `list_field`."""
+    factors = {}
+    for m in modules:
+        if m.module not in shapes:
+            raise InvalidResponse(f"{list_field}: unknown module {m.module!r}")
+        d_in, d_out = shapes[m.module]
+        try:
+            a = codec.decode(m.a, f"{where}.{m.module}.a", shape=(r, d_in), dtype=dtype)
+            b = codec.decode(m.b, f"{where}.{m.module}.b", shape=(d_out, r), dtype=dtype)
+        except codec.CodecError as exc:
+            raise InvalidResponse(str(exc)) from exc
+        factors[m.module] = (a, b)
+    if len(factors) != len(shapes):
+        raise InvalidResponse(f"{where}: {len(factors)} modules, expected {len(shapes)}")
+    return factors
+
+
+def _weights(values: Sequence[float], where: str, manifest: ServiceManifest) -> np.ndarray:
+    if len(values) != manifest.mixture_bases:
+        raise InvalidResponse(
+            f"{where}.basis_weights: {len(values)} values, expected {manifest.mixture_bases}"
+        )
+    w = np.asarray(values, dtype=np.float32)
+    if not np.isfinite(w).all():
+        raise InvalidResponse(f"{where}.basis_weights: non-finite values")
+    return w
+
+
+def _rebuild(
+    weights: dict[int, np.ndarray], bases: dict[str, tuple[Any, Any]], as_torch: bool
+) -> dict[int, dict[str, ModuleDelta]]:
+    """Whole adapters of the compact clusters (index -> weights) from the shared bases (compact.py):
+    one product per module for all of them, in float32 (half-precision arithmetic is slow in numpy)."""
+    order = list(weights)
+    stacked = np.stack([weights[i] for i in order])  # [c, bases]
+    rebuilt: dict[int, dict[str, ModuleDelta]] = {i: {} for i in order}
+    for name, (a, b) in bases.items():
+        if as_torch:
+            import torch
+
+            w = torch.from_numpy(stacked).to(device=b.device)
+            scaled = weighted_b(b.float()[None], w).to(b.dtype)
+        else:
+            scaled = weighted_b(b.astype(np.float32)[None], stacked).astype(b.dtype)
+        for row, i in enumerate(order):
+            rebuilt[i][name] = ModuleDelta(a, scaled[row])
+    return rebuilt
+
+
+def parse_adapt_response(
+    response: pb.AdaptResponse,
+    manifest: ServiceManifest,
+    n_rows: int,
+    dtype: str,
+    as_torch: bool = False,
+    device: Any = None,
+    bases_cache: BasesCache | None = None,
+    rebuild: bool = True,
+) -> AdaptResult:
+    """Check every tensor against the manifest (shape, dtype, byte length) and type the result.
+
+    A compact response's bases are stored in `bases_cache` (and looked up there when the response
+    leaves them out). With `rebuild` each compact cluster comes back as a whole adapter; without,
+    only its weights (for a caller that applies the bases itself, as chameleon_torch does)."""
+    assignments = np.asarray(response.assignments, dtype=np.int32)
+    k = len(response.clusters)
+    if assignments.shape != (n_rows,):
+        raise InvalidResponse(f"assignments: {len(assignments)} entries, expected {n_rows}")
+    if n_rows and (assignments.min() < 0 or assignments.max() >= k):
+        raise InvalidResponse(f"assignments: values outside 0..{k - 1}")
+    shapes = {name: (d_in, d_out) for name, d_in, d_out in manifest.targets}
+    r = manifest.rank
+    shared = None  # the bases of a compact response, converted once for this call
+    if response.bases:
+        if not response.bases_key:
+            raise InvalidResponse("bases_key: empty, expected the key of the bases sent")
+        decoded = _decode_factors(response.bases, "bases", "bases", shapes, r, dtype)
+        if bases_cache is not None:
+            bases_cache.put(response.bases_key, decoded)
+    elif response.bases_key:
+        decoded = bases_cache.get(response.bases_key) if bases_cache is not None else None
+    else:
+        decoded = None
+    if decoded is not None and (rebuild or response.bases):
+        shared = {
+            name: (codec.to_torch(a, device), codec.to_torch(b, device)) if as_torch else (a, b)
+            for name, (a, b) in decoded.items()
+        }
+    clusters = []
+    compact: dict[int, np.ndarray] = {}  # cluster index -> weights, rebuilt after the loop
+    for i, c in enumerate(response.clusters):
+        if c.index != i:
+            raise InvalidResponse(f"clusters[{i}].index: got {c.index}, expected {i}")
+        modules = {}
+        weights = None
+        if c.basis_weights and not c.omitted:
+            if c.modules:
+                raise InvalidResponse(f"clusters[{i}]: both modules and basis_weights; expected one form")
+            weights = _weights(c.basis_weights, f"clusters[{i}]", manifest)
+            if rebuild:
+                if shared is None:
+                    raise InvalidResponse(
+                        f"clusters[{i}].basis_weights: the bases {response.bases_key!r} were neither "
+                        "sent nor held"
+                    )
+                compact[i] = weights
+        elif not c.omitted:
+            where = f"clusters[{i}]"
+            for name, (a, b) in _decode_factors(
+                c.modules, where, f"{where}.modules", shapes, r, dtype
+            ).items():
+                if as_torch:
+                    a, b = codec.to_torch(a, device), codec.to_torch(b, device)
+                modules[name] = ModuleDelta(a, b)
+        clusters.append(ClusterAdapter(c.index, c.size, c.adapter_key, c.omitted, modules, weights))
+    if compact:
+        for i, modules in _rebuild(compact, shared, as_torch).items():
+            clusters[i].modules.update(modules)
+    t = response.timings
+    timings = {s: getattr(t, s) for s in ("decode", "cluster", "hypernetwork", "encode", "total")}
+    sent = (
+        {name: ModuleDelta(a, b) for name, (a, b) in shared.items()}
+        if response.bases and shared is not None
+        else None
+    )
+    return AdaptResult(assignments, tuple(clusters), timings, response.artifact_id, response.bases_key, sent)
+
+
+def _request(
+    statistics: Any,
+    manifest: ServiceManifest,
+    bases: BasesCache,
+    request_ids: Sequence[str] | None,
+    policy: ClusteringPolicy | None,
+    dtype: str,
+    held_keys: Sequence[str],
+    compact: bool | None,
+    rebuild: bool,
+) -> pb.AdaptRequest:
+    """The request both clients send: compact when asked, or by default when offered. When the client
+    rebuilds, it names the bases it holds so they are not sent again; a caller that applies the bases
+    itself (rebuild=False) names the ones it holds in `held_keys`, so a cache it cleared is refilled."""
+    compact = manifest.mixture_bases > 0 if compact is None else compact
+    held = [*held_keys, *bases.keys()] if compact and rebuild else list(held_keys)
+    return build_adapt_request(
+        statistics, request_ids=request_ids, policy=policy, dtype=dtype, held_keys=held, compact=compact
+    )
+
+
+def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+class AdapterClient:
+    """Blocking client. `timeout` (seconds) is the default deadline of every call."""
+
+    def __init__(
+        self, address: str, *, timeout: float = 2.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(address, options=_channel_options(max_message_bytes))
+        self.stub = pb_grpc.AdapterServiceStub(self.channel)
+        self._manifest: ServiceManifest | None = None
+        self.bases = BasesCache()
+
+    def manifest(self, timeout: float | None = None, refresh: bool = False) -> ServiceManifest:
+        if self._manifest is None or refresh:
+            message = self._call(self.stub.GetManifest, pb.GetManifestRequest(), timeout)
+            self._manifest = ServiceManifest.from_message(message)
+        return self._manifest
+
+    def adapt(
+        self,
+        statistics: Any,
+        *,
+        request_ids: Sequence[str] | None = None,
+        policy: ClusteringPolicy | None = None,
+        dtype: str = "float32",
+        held_keys: Sequence[str] = (),
+        timeout: float | None = None,
+        as_torch: bool = False,
+        device: Any = None,
+        compact: bool | None = None,
+        rebuild: bool = True,
+    ) -> AdaptResult:
+        """One batch's statistics [N, D] -> per-row cluster and per-cluster (A, B) for each target.
+
+        `compact`: ask for the mixture's compact form; None = whenever the manifest offers it.
+        `rebuild=False`: leave compact clusters as weights (parse_adapt_response)."""
+        manifest = self.manifest(timeout)
+        request = _request(
+            statistics, manifest, self.bases, request_ids, policy, dtype, held_keys, compact, rebuild
+        )
+        response = self._call(self.stub.Adapt, request, timeout)
+        return parse_adapt_response(
+            response, manifest, request.statistics.shape[0], dtype, as_torch, device, self.bases, rebuild
+        )
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """ "SERVING", "NOT_SERVING", ... as the standard grpc.health.v1 service reports it."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        reply = self._call(stub.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as exc:
+            raise AdapterServiceError(exc.code(), exc.details() or "") from exc
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> AdapterClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncAdapterClient:
+    """The asyncio twin of AdapterClient, for async model servers."""
+
+    def __init__(
+        self, address: str, *, timeout: float = 2.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.channel = grpc.aio.insecure_channel(address, options=_channel_options(max_message_bytes))
+        self.stub = pb_grpc.AdapterServiceStub(self.channel)
+        self._manifest: ServiceManifest | None = None
+        self.bases = BasesCache()
+
+    async def manifest(self, timeout: float | None = None, refresh: bool = False) -> ServiceManifest:
+        if self._manifest is None or refresh:
+            message = await self._call(self.stub.GetManifest, pb.GetManifestRequest(), timeout)
+            self._manifest = ServiceManifest.from_message(message)
+        return self._manifest
+
+    async def adapt(
+        self,
+        statistics: Any,
+        *,
+        request_ids: Sequence[str] | None = None,
+        policy: ClusteringPolicy | None = None,
+        dtype: str = "float32",
+        held_keys: Sequence[str] = (),
+        timeout: float | None = None,
+        as_torch: bool = False,
+        device: Any = None,
+        compact: bool | None = None,
+        rebuild: bool = True,
+    ) -> AdaptResult:
+        manifest = await self.manifest(timeout)
+        request = _request(
+            statistics, manifest, self.bases, request_ids, policy, dtype, held_keys, compact, rebuild
+        )
+        response = await self._call(self.stub.Adapt, request, timeout)
+        return parse_adapt_response(
+            response, manifest, request.statistics.shape[0], dtype, as_torch, device, self.bases, rebuild
+        )
+
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as exc:
+            raise AdapterServiceError(exc.code(), exc.details() or "") from exc
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncAdapterClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

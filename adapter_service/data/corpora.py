@@ -20,8 +20,8 @@ Sources, all read without network access:
   blank-line-separated paragraph), or a folder of such files; inside a folder, each sub-folder is a label
   and each ``.txt`` file in it is one whole document (the usual ``corpus/<label>/*.txt`` layout).
 
-`split_documents` splits by document with a fixed seed, stratified by label, as the fair evaluation rules
-require (brief, section 3); `prompt_and_continuation` cuts a tokenised document into the prompt the adapter
+`split_documents` splits by document with a fixed seed, stratified by label, so no document (and no label's
+share) leaks between splits; `prompt_and_continuation` cuts a tokenised document into the prompt the adapter
 statistic may see and the continuation that is scored, so scored tokens never leak into the statistic.
 """
 

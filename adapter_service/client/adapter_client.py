@@ -28,6 +28,9 @@ from adapter_service.proto import adapter_service_pb2_grpc as pb_grpc
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024 + 1024 * 1024
 
 
+GROUPING_NAMES = {pb.GROUPING_POLICY: "policy", pb.GROUPING_PREDICTED_LABEL: "predicted-label"}
+
+
 class AdapterServiceError(Exception):
     """The service answered with an error status (or could not be reached)."""
 
@@ -55,6 +58,7 @@ class ServiceManifest:
     max_clusters: int
     max_message_bytes: int
     mixture_bases: int = 0  # > 0: a mixture that Adapt can send in the compact form
+    grouping: str = "policy"  # or "predicted-label": the artifact groups by label, ignoring the policy
 
     @classmethod
     def from_message(cls, m: pb.Manifest) -> ServiceManifest:
@@ -63,7 +67,12 @@ class ServiceManifest:
             artifact_id=m.artifact_id,
             artifact_sha256=m.artifact_sha256,
             base_model=Fingerprint(
-                fp.architecture, fp.hidden_size, fp.vocab_size, fp.num_layers, fp.weights_sha256
+                fp.architecture,
+                fp.hidden_size,
+                fp.vocab_size,
+                fp.num_layers,
+                fp.weights_sha256,
+                dict(fp.weights_sha256_by_dtype),
             ),
             statistic=StatisticSpec(
                 m.statistic.kind, m.statistic.dim, m.statistic.normalization, dict(m.statistic.params)
@@ -76,6 +85,7 @@ class ServiceManifest:
             max_clusters=m.limits.max_clusters,
             max_message_bytes=m.limits.max_message_bytes,
             mixture_bases=m.mixture.bases if m.HasField("mixture") else 0,
+            grouping=GROUPING_NAMES.get(m.grouping, "policy"),
         )
 
 
@@ -105,6 +115,8 @@ class AdaptResult:
     # carried them; None when they were held (the client's `bases` cache has them).
     bases_key: str = ""
     bases: dict[str, ModuleDelta] | None = None
+    # "predicted-label" when the artifact grouped the batch by label instead of the requested policy
+    grouping: str = "policy"
 
     @property
     def k(self) -> int:
@@ -291,7 +303,15 @@ def parse_adapt_response(
         if response.bases and shared is not None
         else None
     )
-    return AdaptResult(assignments, tuple(clusters), timings, response.artifact_id, response.bases_key, sent)
+    return AdaptResult(
+        assignments,
+        tuple(clusters),
+        timings,
+        response.artifact_id,
+        response.bases_key,
+        sent,
+        GROUPING_NAMES.get(response.grouping, "policy"),
+    )
 
 
 def _request(

@@ -29,13 +29,25 @@ class ArtifactError(Exception):
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """The base model the hyper-network was made for; `weights_sha256` empty = shape only."""
+    """The base model the hyper-network was made for; `weights_sha256` empty = shape only.
+
+    `weights_sha256_by_dtype` holds the embedding table's hash after rounding to "bfloat16" and
+    "float16", so a model served in those dtypes from the same weights is recognised too.
+    """
 
     architecture: str
     hidden_size: int
     vocab_size: int
     num_layers: int
     weights_sha256: str = ""
+    weights_sha256_by_dtype: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def accepts_weights(self, sha256_as_float32: str, dtype: str) -> bool:
+        """True when a model whose embedding table, upcast to float32, hashes to `sha256_as_float32`
+        and is held in `dtype` ("float32", "bfloat16", "float16") has this fingerprint's weights."""
+        return sha256_as_float32 == self.weights_sha256 or (
+            sha256_as_float32 == self.weights_sha256_by_dtype.get(dtype, "")
+        )
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,9 @@ class Manifest:
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     mixture: MixtureLayout | None = None  # absent: adapters are only sent whole
+    # How Adapt groups a batch: "policy" (the caller's clustering policy) or "predicted-label" (one
+    # group per label the artifact's router predicts, whatever the policy asks).
+    grouping: str = "policy"
 
     @property
     def targets(self) -> list[tuple[str, int, int]]:
@@ -104,10 +119,16 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["groups"] = [dict(g, modules=list(g["modules"])) for g in data["groups"]]
+        # Fields added after format version 1 are left out at their defaults, so older artifacts keep
+        # the hash they had before the fields existed.
         if self.mixture is None:
-            del data["mixture"]  # artifacts without it keep the hash they had before the field existed
+            del data["mixture"]
         else:
             data["mixture"]["basis_b_outputs"] = list(self.mixture.basis_b_outputs)
+        if not self.base_model.weights_sha256_by_dtype:
+            del data["base_model"]["weights_sha256_by_dtype"]
+        if self.grouping == "policy":
+            del data["grouping"]
         return data
 
     def sha256(self) -> str:
@@ -131,6 +152,7 @@ class Manifest:
                 vocab_size=_pos_int(base, "vocab_size", "base_model."),
                 num_layers=_pos_int(base, "num_layers", "base_model."),
                 weights_sha256=_str(base, "weights_sha256", "base_model.", allow_empty=True),
+                weights_sha256_by_dtype=_dtype_hashes(base),
             ),
             statistic=StatisticSpec(
                 kind=_str(stat, "kind", "statistic."),
@@ -145,11 +167,17 @@ class Manifest:
             hypernetwork=_obj(data, "hypernetwork"),
             created_by=_str(data, "created_by", allow_empty=True),
             mixture=_mixture(data["mixture"], len(groups)) if "mixture" in data else None,
+            grouping=_grouping(data),
         )
         _require(
             re.fullmatch(r"[0-9a-f]{64}", manifest.hypernetwork_sha256) is not None,
             "hypernetwork_sha256",
             "64 lowercase hex digits",
+        )
+        _require(
+            manifest.grouping == "policy" or manifest.mixture is not None,
+            "grouping",
+            "'policy' for an artifact without a mixture (predicted-label grouping routes a mixture)",
         )
         names = [m for g in manifest.groups for m in g.modules]
         _require(len(names) == len(set(names)), "groups[].modules", "each module named once")
@@ -254,6 +282,33 @@ def _mixture(data: Any, groups: int) -> MixtureLayout:
         weights_output=_str(data, "weights_output", "mixture."),
         basis_b_outputs=tuple(outputs),
     )
+
+
+GROUPINGS = ("policy", "predicted-label")
+HASHED_DTYPES = ("bfloat16", "float16")
+
+
+def _grouping(data: dict[str, Any]) -> str:
+    """The typed field, or, for artifacts made before it existed, what their router implies."""
+    if "grouping" not in data:
+        config = data["hypernetwork"].get("config", {}) if isinstance(data.get("hypernetwork"), dict) else {}
+        routed = isinstance(config, dict) and config.get("routing") == "predicted-label"
+        return "predicted-label" if routed and "mixture" in data else "policy"
+    value = data["grouping"]
+    _require(value in GROUPINGS, "grouping", " or ".join(repr(g) for g in GROUPINGS))
+    return value
+
+
+def _dtype_hashes(base: dict[str, Any]) -> dict[str, str]:
+    hashes = base.get("weights_sha256_by_dtype", {})
+    _require(
+        isinstance(hashes, dict)
+        and set(hashes) <= set(HASHED_DTYPES)
+        and all(isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in hashes.values()),
+        "base_model.weights_sha256_by_dtype",
+        f"an object mapping some of {list(HASHED_DTYPES)} to 64 lowercase hex digits",
+    )
+    return dict(hashes)
 
 
 def _group(data: Any, index: int) -> TargetGroup:

@@ -210,7 +210,7 @@ def run_demo(
             outputs = list(pool.map(generate, texts))
         batch_wall = time.perf_counter() - t0
         info = [o.details.chameleon for o in outputs]
-        _print_groups(chosen, texts, info, m.routing)
+        _print_groups(chosen, texts, info, m.grouping)
 
         _step(5, "continuations without (base model, greedy, in this process) and with adaptation")
         shown = _one_per_cluster(info, [c.label for c in chosen])
@@ -304,7 +304,7 @@ def _rows(answer, torch):
     return BatchAdapters(answer.assignments, torch.empty(0), rows)
 
 
-def _print_groups(chosen: list, texts: list[str], info: list[dict], routing: str | None = None) -> None:
+def _print_groups(chosen: list, texts: list[str], info: list[dict], grouping: str = "policy") -> None:
     """Which prompts shared an adapter: one block per server batch, one line per cluster (for a
     predicted-label artifact the sidecar's clusters are its predicted labels)."""
     if not any(x.get("adapted") for x in info):
@@ -324,7 +324,9 @@ def _print_groups(chosen: list, texts: list[str], info: list[dict], routing: str
                 f"{', '.join(f'{k} {v}' for k, v in mix.items())})"
             )
             continue
-        how = " (the sidecar groups this artifact by predicted label)" if routing == "predicted-label" else ""
+        how = (
+            " (the sidecar groups this artifact by predicted label)" if grouping == "predicted-label" else ""
+        )
         print(f"      batch {batch}: {len(rows)} prompts in k = {first['k']} clusters{how}")
         for c in sorted({info[i]["cluster"] for i in rows}):
             members = [i for i in rows if info[i]["cluster"] == c]

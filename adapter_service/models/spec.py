@@ -78,13 +78,14 @@ def fingerprint(model: nn.Module, hash_weights: bool = True) -> Fingerprint:
     config = model.config
     architectures = getattr(config, "architectures", None) or [type(model).__name__]
     embedding = model.get_input_embeddings().weight
-    weights_sha256 = "" if embedding.is_meta or not hash_weights else embedding_sha256(embedding)
+    hashed = not embedding.is_meta and hash_weights
     return Fingerprint(
         architecture=architectures[0],
         hidden_size=int(_first_attr(config, "hidden_size", "n_embd", "d_model")),
         vocab_size=int(config.vocab_size),
         num_layers=int(_first_attr(config, "num_hidden_layers", "n_layer", "num_layers")),
-        weights_sha256=weights_sha256,
+        weights_sha256=embedding_sha256(embedding) if hashed else "",
+        weights_sha256_by_dtype=embedding_sha256_by_dtype(embedding) if hashed else {},
     )
 
 
@@ -92,6 +93,39 @@ def embedding_sha256(weight: torch.Tensor) -> str:
     """sha256 of the embedding table as contiguous little-endian float32."""
     data = weight.detach().to("cpu", torch.float32).contiguous().numpy()
     return hashlib.sha256(data.astype("<f4", copy=False).tobytes()).hexdigest()
+
+
+_LOW_PRECISION = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def embedding_sha256_by_dtype(weight: torch.Tensor) -> dict[str, str]:
+    """The table's hash as a model loaded in bf16 or fp16 from these weights holds it (rounded, then
+    upcast): what lets a server running in half precision match an artifact made in float32."""
+    if weight.dtype not in (torch.float32, torch.float64):
+        return {}  # already rounded: lower dtypes cannot be derived exactly from it
+    return {name: embedding_sha256(weight.detach().to(dtype)) for name, dtype in _LOW_PRECISION.items()}
+
+
+def weights_problem(weight: torch.Tensor, want: Fingerprint) -> str | None:
+    """None when the embedding table `weight` (rows beyond the vocabulary already cut) is the one the
+    fingerprint was made from, in its own dtype or rounded to a lower one; else why not."""
+    if not want.weights_sha256:
+        return None
+    actual = embedding_sha256(weight)
+    dtype = str(weight.dtype).removeprefix("torch.")
+    if want.accepts_weights(actual, dtype):
+        return None
+    hint = (
+        "this artifact predates half-precision fingerprints: re-export it, or turn the weights check off"
+        if dtype in _LOW_PRECISION and dtype not in want.weights_sha256_by_dtype
+        else "different weights"
+    )
+    return (
+        f"base_model.weights_sha256: the {dtype} embeddings hash to {actual}, the artifact expects "
+        f"{want.weights_sha256} (float32)"
+        + "".join(f" or {h} ({d})" for d, h in sorted(want.weights_sha256_by_dtype.items()))
+        + f": {hint}"
+    )
 
 
 def _first_attr(config: object, *names: str) -> int:

@@ -24,53 +24,59 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"chameleon/v1/adapter_service.proto\x12\x0c\x63hameleon.v1\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.chameleon.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x14\n\x12GetManifestRequest\"}\n\x10ModelFingerprint\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\x03\x12\x12\n\nvocab_size\x18\x03 \x01(\x03\x12\x12\n\nnum_layers\x18\x04 \x01(\x03\x12\x16\n\x0eweights_sha256\x18\x05 \x01(\t\"\xa9\x01\n\rStatisticSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x03\x12\x15\n\rnormalization\x18\x03 \x01(\t\x12\x37\n\x06params\x18\x04 \x03(\x0b\x32\'.chameleon.v1.StatisticSpec.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x0cTargetModule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64_in\x18\x02 \x01(\x03\x12\r\n\x05\x64_out\x18\x03 \x01(\x03\"K\n\x06Limits\x12\x10\n\x08max_rows\x18\x01 \x01(\x03\x12\x14\n\x0cmax_clusters\x18\x02 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x03\"\xe1\x02\n\x08Manifest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x02 \x01(\t\x12\x32\n\nbase_model\x18\x03 \x01(\x0b\x32\x1e.chameleon.v1.ModelFingerprint\x12.\n\tstatistic\x18\x04 \x01(\x0b\x32\x1b.chameleon.v1.StatisticSpec\x12+\n\x07targets\x18\x05 \x03(\x0b\x32\x1a.chameleon.v1.TargetModule\x12\x0c\n\x04rank\x18\x06 \x01(\x03\x12\x0f\n\x07scaling\x18\x07 \x01(\x02\x12#\n\x06\x64types\x18\x08 \x03(\x0e\x32\x13.chameleon.v1.DType\x12$\n\x06limits\x18\t \x01(\x0b\x32\x14.chameleon.v1.Limits\x12,\n\x07mixture\x18\n \x01(\x0b\x32\x1b.chameleon.v1.MixtureLayout\"\x1e\n\rMixtureLayout\x12\r\n\x05\x62\x61ses\x18\x01 \x01(\x03\"\x13\n\x06\x46ixedK\x12\t\n\x01k\x18\x01 \x01(\x05\"0\n\x05\x41utoK\x12\r\n\x05max_k\x18\x01 \x01(\x05\x12\x18\n\x10min_cluster_size\x18\x02 \x01(\x05\"\x0c\n\nPerRequest\"\x99\x01\n\x10\x43lusteringPolicy\x12%\n\x05\x66ixed\x18\x01 \x01(\x0b\x32\x14.chameleon.v1.FixedKH\x00\x12#\n\x04\x61uto\x18\x02 \x01(\x0b\x32\x13.chameleon.v1.AutoKH\x00\x12/\n\x0bper_request\x18\x03 \x01(\x0b\x32\x18.chameleon.v1.PerRequestH\x00\x42\x08\n\x06policy\"\xd1\x01\n\x0c\x41\x64\x61ptRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12(\n\nstatistics\x18\x02 \x01(\x0b\x32\x14.chameleon.v1.Tensor\x12\x32\n\nclustering\x18\x03 \x01(\x0b\x32\x1e.chameleon.v1.ClusteringPolicy\x12\"\n\x05\x64type\x18\x04 \x01(\x0e\x32\x13.chameleon.v1.DType\x12\x19\n\x11held_adapter_keys\x18\x05 \x03(\t\x12\x0f\n\x07\x63ompact\x18\x06 \x01(\x08\"a\n\rModuleAdapter\x12\x0e\n\x06module\x18\x01 \x01(\t\x12\x1f\n\x01\x61\x18\x02 \x01(\x0b\x32\x14.chameleon.v1.Tensor\x12\x1f\n\x01\x62\x18\x03 \x01(\x0b\x32\x14.chameleon.v1.Tensor\"\x98\x01\n\x0e\x43lusterAdapter\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04size\x18\x02 \x01(\x05\x12\x13\n\x0b\x61\x64\x61pter_key\x18\x03 \x01(\t\x12\x0f\n\x07omitted\x18\x04 \x01(\x08\x12,\n\x07modules\x18\x05 \x03(\x0b\x32\x1b.chameleon.v1.ModuleAdapter\x12\x15\n\rbasis_weights\x18\x06 \x03(\x02\"d\n\x0cStageTimings\x12\x0e\n\x06\x64\x65\x63ode\x18\x01 \x01(\x01\x12\x0f\n\x07\x63luster\x18\x02 \x01(\x01\x12\x14\n\x0chypernetwork\x18\x03 \x01(\x01\x12\x0e\n\x06\x65ncode\x18\x04 \x01(\x01\x12\r\n\x05total\x18\x05 \x01(\x01\"\xd5\x01\n\rAdaptResponse\x12\x13\n\x0b\x61ssignments\x18\x01 \x03(\x05\x12.\n\x08\x63lusters\x18\x02 \x03(\x0b\x32\x1c.chameleon.v1.ClusterAdapter\x12+\n\x07timings\x18\x03 \x01(\x0b\x32\x1a.chameleon.v1.StageTimings\x12\x13\n\x0b\x61rtifact_id\x18\x04 \x01(\t\x12\x11\n\tbases_key\x18\x05 \x01(\t\x12*\n\x05\x62\x61ses\x18\x06 \x03(\x0b\x32\x1b.chameleon.v1.ModuleAdapter*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x32\x9b\x01\n\x0e\x41\x64\x61pterService\x12G\n\x0bGetManifest\x12 .chameleon.v1.GetManifestRequest\x1a\x16.chameleon.v1.Manifest\x12@\n\x05\x41\x64\x61pt\x12\x1a.chameleon.v1.AdaptRequest\x1a\x1b.chameleon.v1.AdaptResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"chameleon/v1/adapter_service.proto\x12\x0c\x63hameleon.v1\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.chameleon.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x14\n\x12GetManifestRequest\"\x95\x02\n\x10ModelFingerprint\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\x03\x12\x12\n\nvocab_size\x18\x03 \x01(\x03\x12\x12\n\nnum_layers\x18\x04 \x01(\x03\x12\x16\n\x0eweights_sha256\x18\x05 \x01(\t\x12Y\n\x17weights_sha256_by_dtype\x18\x06 \x03(\x0b\x32\x38.chameleon.v1.ModelFingerprint.WeightsSha256ByDtypeEntry\x1a;\n\x19WeightsSha256ByDtypeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa9\x01\n\rStatisticSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x03\x12\x15\n\rnormalization\x18\x03 \x01(\t\x12\x37\n\x06params\x18\x04 \x03(\x0b\x32\'.chameleon.v1.StatisticSpec.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x0cTargetModule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64_in\x18\x02 \x01(\x03\x12\r\n\x05\x64_out\x18\x03 \x01(\x03\"K\n\x06Limits\x12\x10\n\x08max_rows\x18\x01 \x01(\x03\x12\x14\n\x0cmax_clusters\x18\x02 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x03\"\x8b\x03\n\x08Manifest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x02 \x01(\t\x12\x32\n\nbase_model\x18\x03 \x01(\x0b\x32\x1e.chameleon.v1.ModelFingerprint\x12.\n\tstatistic\x18\x04 \x01(\x0b\x32\x1b.chameleon.v1.StatisticSpec\x12+\n\x07targets\x18\x05 \x03(\x0b\x32\x1a.chameleon.v1.TargetModule\x12\x0c\n\x04rank\x18\x06 \x01(\x03\x12\x0f\n\x07scaling\x18\x07 \x01(\x02\x12#\n\x06\x64types\x18\x08 \x03(\x0e\x32\x13.chameleon.v1.DType\x12$\n\x06limits\x18\t \x01(\x0b\x32\x14.chameleon.v1.Limits\x12,\n\x07mixture\x18\n \x01(\x0b\x32\x1b.chameleon.v1.MixtureLayout\x12(\n\x08grouping\x18\x0b \x01(\x0e\x32\x16.chameleon.v1.Grouping\"\x1e\n\rMixtureLayout\x12\r\n\x05\x62\x61ses\x18\x01 \x01(\x03\"\x13\n\x06\x46ixedK\x12\t\n\x01k\x18\x01 \x01(\x05\"0\n\x05\x41utoK\x12\r\n\x05max_k\x18\x01 \x01(\x05\x12\x18\n\x10min_cluster_size\x18\x02 \x01(\x05\"\x0c\n\nPerRequest\"\x99\x01\n\x10\x43lusteringPolicy\x12%\n\x05\x66ixed\x18\x01 \x01(\x0b\x32\x14.chameleon.v1.FixedKH\x00\x12#\n\x04\x61uto\x18\x02 \x01(\x0b\x32\x13.chameleon.v1.AutoKH\x00\x12/\n\x0bper_request\x18\x03 \x01(\x0b\x32\x18.chameleon.v1.PerRequestH\x00\x42\x08\n\x06policy\"\xd1\x01\n\x0c\x41\x64\x61ptRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12(\n\nstatistics\x18\x02 \x01(\x0b\x32\x14.chameleon.v1.Tensor\x12\x32\n\nclustering\x18\x03 \x01(\x0b\x32\x1e.chameleon.v1.ClusteringPolicy\x12\"\n\x05\x64type\x18\x04 \x01(\x0e\x32\x13.chameleon.v1.DType\x12\x19\n\x11held_adapter_keys\x18\x05 \x03(\t\x12\x0f\n\x07\x63ompact\x18\x06 \x01(\x08\"a\n\rModuleAdapter\x12\x0e\n\x06module\x18\x01 \x01(\t\x12\x1f\n\x01\x61\x18\x02 \x01(\x0b\x32\x14.chameleon.v1.Tensor\x12\x1f\n\x01\x62\x18\x03 \x01(\x0b\x32\x14.chameleon.v1.Tensor\"\x98\x01\n\x0e\x43lusterAdapter\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04size\x18\x02 \x01(\x05\x12\x13\n\x0b\x61\x64\x61pter_key\x18\x03 \x01(\t\x12\x0f\n\x07omitted\x18\x04 \x01(\x08\x12,\n\x07modules\x18\x05 \x03(\x0b\x32\x1b.chameleon.v1.ModuleAdapter\x12\x15\n\rbasis_weights\x18\x06 \x03(\x02\"d\n\x0cStageTimings\x12\x0e\n\x06\x64\x65\x63ode\x18\x01 \x01(\x01\x12\x0f\n\x07\x63luster\x18\x02 \x01(\x01\x12\x14\n\x0chypernetwork\x18\x03 \x01(\x01\x12\x0e\n\x06\x65ncode\x18\x04 \x01(\x01\x12\r\n\x05total\x18\x05 \x01(\x01\"\xff\x01\n\rAdaptResponse\x12\x13\n\x0b\x61ssignments\x18\x01 \x03(\x05\x12.\n\x08\x63lusters\x18\x02 \x03(\x0b\x32\x1c.chameleon.v1.ClusterAdapter\x12+\n\x07timings\x18\x03 \x01(\x0b\x32\x1a.chameleon.v1.StageTimings\x12\x13\n\x0b\x61rtifact_id\x18\x04 \x01(\t\x12\x11\n\tbases_key\x18\x05 \x01(\t\x12*\n\x05\x62\x61ses\x18\x06 \x03(\x0b\x32\x1b.chameleon.v1.ModuleAdapter\x12(\n\x08grouping\x18\x07 \x01(\x0e\x32\x16.chameleon.v1.Grouping*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*=\n\x08Grouping\x12\x13\n\x0fGROUPING_POLICY\x10\x00\x12\x1c\n\x18GROUPING_PREDICTED_LABEL\x10\x01\x32\x9b\x01\n\x0e\x41\x64\x61pterService\x12G\n\x0bGetManifest\x12 .chameleon.v1.GetManifestRequest\x1a\x16.chameleon.v1.Manifest\x12@\n\x05\x41\x64\x61pt\x12\x1a.chameleon.v1.AdaptRequest\x1a\x1b.chameleon.v1.AdaptResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chameleon.v1.adapter_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MODELFINGERPRINT_WEIGHTSSHA256BYDTYPEENTRY']._loaded_options = None
+  _globals['_MODELFINGERPRINT_WEIGHTSSHA256BYDTYPEENTRY']._serialized_options = b'8\001'
   _globals['_STATISTICSPEC_PARAMSENTRY']._loaded_options = None
   _globals['_STATISTICSPEC_PARAMSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1997
-  _globals['_DTYPE']._serialized_end=2085
+  _globals['_DTYPE']._serialized_start=2234
+  _globals['_DTYPE']._serialized_end=2322
+  _globals['_GROUPING']._serialized_start=2324
+  _globals['_GROUPING']._serialized_end=2385
   _globals['_TENSOR']._serialized_start=52
   _globals['_TENSOR']._serialized_end=125
   _globals['_GETMANIFESTREQUEST']._serialized_start=127
   _globals['_GETMANIFESTREQUEST']._serialized_end=147
-  _globals['_MODELFINGERPRINT']._serialized_start=149
-  _globals['_MODELFINGERPRINT']._serialized_end=274
-  _globals['_STATISTICSPEC']._serialized_start=277
-  _globals['_STATISTICSPEC']._serialized_end=446
-  _globals['_STATISTICSPEC_PARAMSENTRY']._serialized_start=401
-  _globals['_STATISTICSPEC_PARAMSENTRY']._serialized_end=446
-  _globals['_TARGETMODULE']._serialized_start=448
-  _globals['_TARGETMODULE']._serialized_end=505
-  _globals['_LIMITS']._serialized_start=507
-  _globals['_LIMITS']._serialized_end=582
-  _globals['_MANIFEST']._serialized_start=585
-  _globals['_MANIFEST']._serialized_end=938
-  _globals['_MIXTURELAYOUT']._serialized_start=940
-  _globals['_MIXTURELAYOUT']._serialized_end=970
-  _globals['_FIXEDK']._serialized_start=972
-  _globals['_FIXEDK']._serialized_end=991
-  _globals['_AUTOK']._serialized_start=993
-  _globals['_AUTOK']._serialized_end=1041
-  _globals['_PERREQUEST']._serialized_start=1043
-  _globals['_PERREQUEST']._serialized_end=1055
-  _globals['_CLUSTERINGPOLICY']._serialized_start=1058
-  _globals['_CLUSTERINGPOLICY']._serialized_end=1211
-  _globals['_ADAPTREQUEST']._serialized_start=1214
-  _globals['_ADAPTREQUEST']._serialized_end=1423
-  _globals['_MODULEADAPTER']._serialized_start=1425
-  _globals['_MODULEADAPTER']._serialized_end=1522
-  _globals['_CLUSTERADAPTER']._serialized_start=1525
-  _globals['_CLUSTERADAPTER']._serialized_end=1677
-  _globals['_STAGETIMINGS']._serialized_start=1679
-  _globals['_STAGETIMINGS']._serialized_end=1779
-  _globals['_ADAPTRESPONSE']._serialized_start=1782
-  _globals['_ADAPTRESPONSE']._serialized_end=1995
-  _globals['_ADAPTERSERVICE']._serialized_start=2088
-  _globals['_ADAPTERSERVICE']._serialized_end=2243
+  _globals['_MODELFINGERPRINT']._serialized_start=150
+  _globals['_MODELFINGERPRINT']._serialized_end=427
+  _globals['_MODELFINGERPRINT_WEIGHTSSHA256BYDTYPEENTRY']._serialized_start=368
+  _globals['_MODELFINGERPRINT_WEIGHTSSHA256BYDTYPEENTRY']._serialized_end=427
+  _globals['_STATISTICSPEC']._serialized_start=430
+  _globals['_STATISTICSPEC']._serialized_end=599
+  _globals['_STATISTICSPEC_PARAMSENTRY']._serialized_start=554
+  _globals['_STATISTICSPEC_PARAMSENTRY']._serialized_end=599
+  _globals['_TARGETMODULE']._serialized_start=601
+  _globals['_TARGETMODULE']._serialized_end=658
+  _globals['_LIMITS']._serialized_start=660
+  _globals['_LIMITS']._serialized_end=735
+  _globals['_MANIFEST']._serialized_start=738
+  _globals['_MANIFEST']._serialized_end=1133
+  _globals['_MIXTURELAYOUT']._serialized_start=1135
+  _globals['_MIXTURELAYOUT']._serialized_end=1165
+  _globals['_FIXEDK']._serialized_start=1167
+  _globals['_FIXEDK']._serialized_end=1186
+  _globals['_AUTOK']._serialized_start=1188
+  _globals['_AUTOK']._serialized_end=1236
+  _globals['_PERREQUEST']._serialized_start=1238
+  _globals['_PERREQUEST']._serialized_end=1250
+  _globals['_CLUSTERINGPOLICY']._serialized_start=1253
+  _globals['_CLUSTERINGPOLICY']._serialized_end=1406
+  _globals['_ADAPTREQUEST']._serialized_start=1409
+  _globals['_ADAPTREQUEST']._serialized_end=1618
+  _globals['_MODULEADAPTER']._serialized_start=1620
+  _globals['_MODULEADAPTER']._serialized_end=1717
+  _globals['_CLUSTERADAPTER']._serialized_start=1720
+  _globals['_CLUSTERADAPTER']._serialized_end=1872
+  _globals['_STAGETIMINGS']._serialized_start=1874
+  _globals['_STAGETIMINGS']._serialized_end=1974
+  _globals['_ADAPTRESPONSE']._serialized_start=1977
+  _globals['_ADAPTRESPONSE']._serialized_end=2232
+  _globals['_ADAPTERSERVICE']._serialized_start=2388
+  _globals['_ADAPTERSERVICE']._serialized_end=2543
 # @@protoc_insertion_point(module_scope)

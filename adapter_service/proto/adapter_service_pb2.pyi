@@ -13,10 +13,17 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_FLOAT32: _ClassVar[DType]
     DTYPE_FLOAT16: _ClassVar[DType]
     DTYPE_BFLOAT16: _ClassVar[DType]
+
+class Grouping(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GROUPING_POLICY: _ClassVar[Grouping]
+    GROUPING_PREDICTED_LABEL: _ClassVar[Grouping]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
 DTYPE_BFLOAT16: DType
+GROUPING_POLICY: Grouping
+GROUPING_PREDICTED_LABEL: Grouping
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -33,18 +40,27 @@ class GetManifestRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelFingerprint(_message.Message):
-    __slots__ = ("architecture", "hidden_size", "vocab_size", "num_layers", "weights_sha256")
+    __slots__ = ("architecture", "hidden_size", "vocab_size", "num_layers", "weights_sha256", "weights_sha256_by_dtype")
+    class WeightsSha256ByDtypeEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_BY_DTYPE_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     hidden_size: int
     vocab_size: int
     num_layers: int
     weights_sha256: str
-    def __init__(self, architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., weights_sha256: _Optional[str] = ...) -> None: ...
+    weights_sha256_by_dtype: _containers.ScalarMap[str, str]
+    def __init__(self, architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., weights_sha256: _Optional[str] = ..., weights_sha256_by_dtype: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StatisticSpec(_message.Message):
     __slots__ = ("kind", "dim", "normalization", "params")
@@ -86,7 +102,7 @@ class Limits(_message.Message):
     def __init__(self, max_rows: _Optional[int] = ..., max_clusters: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("artifact_id", "artifact_sha256", "base_model", "statistic", "targets", "rank", "scaling", "dtypes", "limits", "mixture")
+    __slots__ = ("artifact_id", "artifact_sha256", "base_model", "statistic", "targets", "rank", "scaling", "dtypes", "limits", "mixture", "grouping")
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_SHA256_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +113,7 @@ class Manifest(_message.Message):
     DTYPES_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     MIXTURE_FIELD_NUMBER: _ClassVar[int]
+    GROUPING_FIELD_NUMBER: _ClassVar[int]
     artifact_id: str
     artifact_sha256: str
     base_model: ModelFingerprint
@@ -107,7 +124,8 @@ class Manifest(_message.Message):
     dtypes: _containers.RepeatedScalarFieldContainer[DType]
     limits: Limits
     mixture: MixtureLayout
-    def __init__(self, artifact_id: _Optional[str] = ..., artifact_sha256: _Optional[str] = ..., base_model: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., statistic: _Optional[_Union[StatisticSpec, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[TargetModule, _Mapping]]] = ..., rank: _Optional[int] = ..., scaling: _Optional[float] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., mixture: _Optional[_Union[MixtureLayout, _Mapping]] = ...) -> None: ...
+    grouping: Grouping
+    def __init__(self, artifact_id: _Optional[str] = ..., artifact_sha256: _Optional[str] = ..., base_model: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., statistic: _Optional[_Union[StatisticSpec, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[TargetModule, _Mapping]]] = ..., rank: _Optional[int] = ..., scaling: _Optional[float] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., mixture: _Optional[_Union[MixtureLayout, _Mapping]] = ..., grouping: _Optional[_Union[Grouping, str]] = ...) -> None: ...
 
 class MixtureLayout(_message.Message):
     __slots__ = ("bases",)
@@ -200,17 +218,19 @@ class StageTimings(_message.Message):
     def __init__(self, decode: _Optional[float] = ..., cluster: _Optional[float] = ..., hypernetwork: _Optional[float] = ..., encode: _Optional[float] = ..., total: _Optional[float] = ...) -> None: ...
 
 class AdaptResponse(_message.Message):
-    __slots__ = ("assignments", "clusters", "timings", "artifact_id", "bases_key", "bases")
+    __slots__ = ("assignments", "clusters", "timings", "artifact_id", "bases_key", "bases", "grouping")
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     CLUSTERS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
     BASES_KEY_FIELD_NUMBER: _ClassVar[int]
     BASES_FIELD_NUMBER: _ClassVar[int]
+    GROUPING_FIELD_NUMBER: _ClassVar[int]
     assignments: _containers.RepeatedScalarFieldContainer[int]
     clusters: _containers.RepeatedCompositeFieldContainer[ClusterAdapter]
     timings: StageTimings
     artifact_id: str
     bases_key: str
     bases: _containers.RepeatedCompositeFieldContainer[ModuleAdapter]
-    def __init__(self, assignments: _Optional[_Iterable[int]] = ..., clusters: _Optional[_Iterable[_Union[ClusterAdapter, _Mapping]]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., artifact_id: _Optional[str] = ..., bases_key: _Optional[str] = ..., bases: _Optional[_Iterable[_Union[ModuleAdapter, _Mapping]]] = ...) -> None: ...
+    grouping: Grouping
+    def __init__(self, assignments: _Optional[_Iterable[int]] = ..., clusters: _Optional[_Iterable[_Union[ClusterAdapter, _Mapping]]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., artifact_id: _Optional[str] = ..., bases_key: _Optional[str] = ..., bases: _Optional[_Iterable[_Union[ModuleAdapter, _Mapping]]] = ..., grouping: _Optional[_Union[Grouping, str]] = ...) -> None: ...

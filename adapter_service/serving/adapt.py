@@ -78,7 +78,10 @@ def adapt(
     }
 
     response = pb.AdaptResponse(
-        assignments=grouping.assignments.tolist(), artifact_id=manifest.artifact_id, bases_key=shared_key
+        assignments=grouping.assignments.tolist(),
+        artifact_id=manifest.artifact_id,
+        bases_key=shared_key,
+        grouping=pb.GROUPING_PREDICTED_LABEL if label_weights is not None else pb.GROUPING_POLICY,
     )
     if send_bases:
         for group in manifest.groups:
@@ -122,7 +125,7 @@ def group_requests(
     its clusters are its predicted labels, whatever the policy: per request, rows with equal basis
     weights merged. A batch then needs at most one adapter per label. Returns the clusters and, for
     label groups, each one's basis weights [k, bases] (None otherwise)."""
-    if runtime.manifest.routing != "predicted-label" or runtime.manifest.mixture is None:
+    if runtime.manifest.grouping != "predicted-label":
         return cluster(call.statistics, call.policy, seed=seed), None
     rows = cluster(call.statistics, PerRequest())
     weights = runtime.mixture_weights(rows.centroids)

@@ -19,6 +19,7 @@ from adapter_service.serving.validation import Limits, RequestError, parse_adapt
 
 log = logging.getLogger(__name__)
 OFFERED_DTYPES = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16)
+GROUPING_MESSAGE = {"policy": pb.GROUPING_POLICY, "predicted-label": pb.GROUPING_PREDICTED_LABEL}
 
 
 def manifest_message(artifact: Artifact, limits: Limits) -> pb.Manifest:
@@ -33,6 +34,7 @@ def manifest_message(artifact: Artifact, limits: Limits) -> pb.Manifest:
             vocab_size=fp.vocab_size,
             num_layers=fp.num_layers,
             weights_sha256=fp.weights_sha256,
+            weights_sha256_by_dtype=fp.weights_sha256_by_dtype,
         ),
         statistic=pb.StatisticSpec(
             kind=m.statistic.kind,
@@ -50,6 +52,7 @@ def manifest_message(artifact: Artifact, limits: Limits) -> pb.Manifest:
             max_message_bytes=limits.max_message_bytes,
         ),
         mixture=pb.MixtureLayout(bases=m.mixture.bases) if m.mixture is not None else None,
+        grouping=GROUPING_MESSAGE[m.grouping],
     )
 
 

@@ -13,3 +13,8 @@ require(
     "onnx",
     "onnxscript",
 )
+
+from adapter_service.training.api import TrainOutcome, evaluate, train_artifact
+from adapter_service.training.recipe import RecipeError, load_recipe
+
+__all__ = ["RecipeError", "TrainOutcome", "evaluate", "load_recipe", "train_artifact"]

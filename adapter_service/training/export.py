@@ -195,6 +195,9 @@ def export_artifact(
         },
         created_by=f"chameleon-adapters {__version__}",
         mixture=mixture,
+        grouping="predicted-label"
+        if mixture is not None and config.routing == "predicted-label"
+        else "policy",
         **plan.manifest_base,
     )
     return write_artifact(out, manifest, onnx_bytes)

@@ -685,6 +685,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-concurrent-requests", type=int, default=128, help="more are answered 429")
     p.add_argument("--dtype", choices=_DTYPES, default="float32")
+    p.add_argument(
+        "--no-weights-check",
+        action="store_true",
+        help="attach even when the embeddings do not hash as the artifact's base model (bf16/fp16 "
+        "serving matches artifacts exported since half-precision fingerprints without it)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--grace", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM"
@@ -694,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _attach(model: Any, tokenizer: Any, address: str, deadline_s: float) -> Any:
+def _attach(model: Any, tokenizer: Any, address: str, deadline_s: float, check_weights: bool = True) -> Any:
     """Attach the plugin; returns None (base model) when that is impossible for a reason other than a
     model/artifact mismatch, which raises."""
     from adapter_service.client import AdapterClient
@@ -702,7 +708,8 @@ def _attach(model: Any, tokenizer: Any, address: str, deadline_s: float) -> Any:
 
     try:
         client = AdapterClient(address, timeout=deadline_s)
-        return attach(model, client, PluginConfig(deadline_s=deadline_s), tokenizer=tokenizer)
+        config = PluginConfig(deadline_s=deadline_s, check_weights=check_weights)
+        return attach(model, client, config, tokenizer=tokenizer)
     except ManifestMismatch:
         raise
     except Exception:
@@ -716,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--":  # `chameleon serve-model -- --model ...`
         argv = argv[1:]
     args = build_parser().parse_args(argv)
-    from adapter_service.serving import logs
+    from adapter_service.core import logs
 
     logs.configure(args.log_level, json_format=not args.plain_logs)
     import torch
@@ -736,7 +743,9 @@ def main(argv: list[str] | None = None) -> int:
         from chameleon_torch import ManifestMismatch
 
         try:
-            handle = _attach(model, tokenizer, args.sidecar, args.deadline_ms / 1000.0)
+            handle = _attach(
+                model, tokenizer, args.sidecar, args.deadline_ms / 1000.0, not args.no_weights_check
+            )
         except ManifestMismatch as exc:
             log.error("%s", exc)
             return 2

@@ -34,7 +34,7 @@ from adapter_service.client.fallback import Fallback, ManifestMismatch, ensure_m
 from adapter_service.core import codec
 from adapter_service.core.clustering import AutoK, ClusteringPolicy, FixedK, PerRequest
 from adapter_service.core.compact import column_weights
-from adapter_service.models.spec import embedding_sha256, fingerprint, linear_shape
+from adapter_service.models.spec import fingerprint, linear_shape, weights_problem
 from adapter_service.models.statistics import (
     SENTENCE_ENCODER,
     compute_statistic,
@@ -103,13 +103,10 @@ def check_model(
             problems.append(
                 f"target {name!r}: model has (d_in, d_out) = {shape}, artifact expects {(d_in, d_out)}"
             )
-    if not problems and check_weights and want.weights_sha256:
-        actual = embedding_sha256(model.get_input_embeddings().weight)
-        if actual != want.weights_sha256:
-            problems.append(
-                f"base_model.weights_sha256: model embeddings hash to {actual}, artifact expects "
-                f"{want.weights_sha256} (different weights, or served in another dtype)"
-            )
+    if not problems and check_weights:
+        problem = weights_problem(model.get_input_embeddings().weight, want)
+        if problem:
+            problems.append(problem)
     if problems:
         raise ManifestMismatch(
             f"artifact {manifest.artifact_id} does not fit this model:\n  " + "\n  ".join(problems)

@@ -85,12 +85,14 @@ def check_fit(
         not problems
         and check_weights
         and want.weights_sha256
-        and facts["weights_sha256"] != want.weights_sha256
+        and not want.accepts_weights(facts["weights_sha256"], facts["dtype"])
     ):
         problems.append(
-            f"base_model.weights_sha256: embeddings hash to {facts['weights_sha256']}, artifact expects "
-            f"{want.weights_sha256} (other weights, or served in another dtype than {facts['dtype']}: "
-            "match --dtype, or set CHAMELEON_CHECK_WEIGHTS=0)"
+            f"base_model.weights_sha256: the {facts['dtype']} embeddings hash to {facts['weights_sha256']}, "
+            f"the artifact expects {want.weights_sha256} (float32)"
+            + "".join(f" or {h} ({d})" for d, h in sorted(want.weights_sha256_by_dtype.items()))
+            + ": other weights (or an artifact older than half-precision fingerprints: re-export it), "
+            "or set CHAMELEON_CHECK_WEIGHTS=0"
         )
     if problems:
         raise ManifestMismatch(

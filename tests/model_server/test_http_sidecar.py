@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import InferenceClient
-from test_http_server import PROMPTS, tiny_model, tiny_tokenizer
 
 from adapter_service.client import AdapterClient
 from adapter_service.demo.sidecar import SidecarProcess
 from adapter_service.training.export import make_fresh_artifact
 from chameleon_model_server.http_server import ModelServer, serve
 from chameleon_torch import PluginConfig, attach
+from samples import PROMPTS, tiny_model, tiny_tokenizer
 
 NEW_TOKENS = 8
 

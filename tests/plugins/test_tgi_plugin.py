@@ -1,11 +1,11 @@
 """chameleon_tgi against a STAND-IN of TGI 3.3.7 (tests/plugins/tgi_standin) and a real sidecar on loopback.
 
-TGI cannot run here (not on PyPI, needs CUDA). tests/plugins/tgi_standin re-creates, from the facts sheet, exactly
-the TGI modules, classes, signatures and tensor layouts the plugin touches, with TGI's pure-torch LoRA path
-(and a loop re-creation of its punica kernels) as the reference math, around a tiny flash-style Llama.
-These tests check the plugin's glue on that stand-in, and compare its per-row outputs with chameleon_torch
-on transformers' Llama with the same weights and the same sidecar deltas. The real-TGI check is
-scripts/validate_tgi_gpu.sh.
+TGI cannot run here (not on PyPI, needs CUDA). tests/plugins/tgi_standin re-creates, from
+plugins/chameleon_tgi/TGI_INTERNALS.md, exactly the TGI modules, classes, signatures and tensor layouts
+the plugin touches, with TGI's pure-torch LoRA path (and a loop re-creation of its punica kernels) as the
+reference math, around a tiny flash-style Llama. These tests check the plugin's glue on that stand-in,
+and compare its per-row outputs with chameleon_torch on transformers' Llama with the same weights and the
+same sidecar deltas. The real-TGI check is scripts/validate_tgi_gpu.sh.
 """
 
 from __future__ import annotations

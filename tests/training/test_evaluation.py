@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_training import synthetic
 
 from adapter_service.core.clustering import FixedK
 from adapter_service.training.evaluation import StudyConfig, bootstrap_ci, run_study, seed_bootstrap_ci
 from adapter_service.training.report import write_report
 from conftest import tiny_llama
+from samples import synthetic
 
 
 def test_bootstrap_ci_brackets_the_mean_and_narrows_with_more_documents() -> None:

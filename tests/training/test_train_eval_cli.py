@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_http_server import SENTENCES, tiny_model, tiny_tokenizer
 
 from adapter_service.core.artifact import load_artifact
+from samples import SENTENCES, tiny_model, tiny_tokenizer
 
 CHAMELEON = Path(sys.executable).with_name("chameleon")
 
@@ -115,7 +115,7 @@ def test_train_a_mixture_routed_per_request(inputs, tmp_path: Path) -> None:
         text=True,
         timeout=600,
     )
-    assert bad.returncode != 0 and "--train-k: expected 'auto', 'request' or a number" in bad.stderr
+    assert bad.returncode != 0 and "(--train-k): expected 'auto', 'request' or a number" in bad.stderr
 
 
 def test_eval_writes_the_report(inputs, tmp_path: Path) -> None:

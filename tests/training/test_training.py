@@ -28,23 +28,7 @@ from adapter_service.training.trainer import (
     train,
 )
 from conftest import start_server, tiny_gpt2, tiny_llama, word_tokenizer
-
-P, C = 6, 8
-DOMAINS = [(10, 40), (100, 130), (200, 230)]
-
-
-def synthetic(n: int, seed: int) -> list[Example]:
-    """Three domains: prompt tokens from the domain's range; the continuation repeats a domain-specific
-    cycle, so a domain-aware adapter can predict it much better than the random base model."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        d = i % 3
-        lo, hi = DOMAINS[d]
-        prompt = tuple(rng.randrange(lo, hi) for _ in range(P))
-        continuation = tuple(lo + (j * (d + 2)) % 7 for j in range(C))
-        out.append(Example(prompt, continuation, f"d{d}", f"doc{i}"))
-    return out
+from samples import C, synthetic
 
 
 def setup(init: str = "zero", seed: int = 0):

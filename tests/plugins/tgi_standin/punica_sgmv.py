@@ -1,13 +1,14 @@
-"""STAND-IN, not TGI: a pure-torch re-creation of the `punica_sgmv` kernel module's API, from the facts sheet.
+"""STAND-IN, not TGI: a pure-torch re-creation of the `punica_sgmv` kernel module's API.
 
-TGI 3.3.x loads `kernels-community/punica-sgmv` through `utils/kernels.load_kernel`, which first tries a
-local module named `punica_sgmv` (facts sheet, section 5, mechanism 3). This file is that local module
-for CPU tests: the rank rules (`pad_rank`, `orient_for_rank`, `use_cutlass_shrink`, the constants) as the
-facts sheet states them, and SGMV/BGMV as loops with the documented semantics and weight orientations
-(section 4: A [L, in, r] for r < 16, [L, r, in] for 16..128; B [L, r, out]; decode uses the transposed
-stacks). Real kernels dereference raw `data_ptr()` values; here `remember()` (called by the stand-in's
-BatchLoraWeights.load) keeps a pointer -> tensor table so the loops can do the same lookups, including
-TGI's decode indexing of the per-rank pointer subset by the global segment number (risk 4).
+From plugins/chameleon_tgi/TGI_INTERNALS.md. TGI 3.3.x loads `kernels-community/punica-sgmv` through
+`utils/kernels.load_kernel`, which first tries a local module named `punica_sgmv` (TGI_INTERNALS.md,
+section 5, design 3). This file is that local module for CPU tests: the rank rules (`pad_rank`,
+`orient_for_rank`, `use_cutlass_shrink`, the constants) as TGI_INTERNALS.md states them, and SGMV/BGMV as
+loops with the documented semantics and weight orientations (section 4: A [L, in, r] for r < 16,
+[L, r, in] for 16..128; B [L, r, out]; decode uses the transposed stacks). Real kernels dereference raw
+`data_ptr()` values; here `remember()` (called by the stand-in's BatchLoraWeights.load) keeps a
+pointer -> tensor table so the loops can do the same lookups, including TGI's decode indexing of the
+per-rank pointer subset by the global segment number (risk 4).
 """
 
 from __future__ import annotations

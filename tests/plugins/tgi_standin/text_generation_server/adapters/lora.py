@@ -5,7 +5,7 @@ A [L, in, r] or [L, r, in] by `orient_for_rank`, B [L, r, out]; the `*_t` proper
 re-allocate, flipping a flag), RankSegments and BatchLoraWeights.load: keeps adapters present in
 `segment_indices`, one pointer per segment (0 for base), groups segments by rank, SGMV segment bounds in
 prefill, and in decode a per-token index that is the *global* segment number (or -1), which the kernels
-apply to the per-rank pointer subset (risk 4).
+apply to the per-rank pointer subset (TGI_INTERNALS.md, risk 4).
 """
 
 from __future__ import annotations

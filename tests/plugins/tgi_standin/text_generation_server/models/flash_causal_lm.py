@@ -2,10 +2,10 @@
 
 FlashCausalLMBatch keeps the protobuf requests in `requests`, the full prompt in `all_input_ids[i]`, the
 batch-level `prefilling` flag and `adapter_meta`; `prepare_for_prefill` maps each request's `adapter_id`
-through ADAPTER_TO_INDEX on every prefill step (unknown ids -> 0; an empty dict -> the single-segment
-quirk of risk 6); after the last prefill chunk the indices shrink to one per request; `filter` re-derives
-`adapter_set` from `adapter_id`; `concatenate` merges segments. FlashCausalLM.generate_token rebuilds
-AdapterBatchData.from_meta every step and calls forward(batch, adapter_data); `warmup` runs one
+through ADAPTER_TO_INDEX on every prefill step (unknown ids -> 0; an empty dict -> the single-segment quirk
+of TGI_INTERNALS.md, risk 6); after the last prefill chunk the indices shrink to one per request; `filter`
+re-derives `adapter_set` from `adapter_id`; `concatenate` merges segments. FlashCausalLM.generate_token
+rebuilds AdapterBatchData.from_meta every step and calls forward(batch, adapter_data); `warmup` runs one
 generate_token. Prefill may be chunked (`prefill_chunk` prompt tokens per request and step). Sampling is
 greedy; `Generation.logits` is a stand-in extra that lets tests compare outputs.
 """

@@ -1,0 +1,277 @@
+"""Training and evaluation from Python: what `chameleon train` and `chameleon eval` call.
+
+    from adapter_service.training import train_artifact, evaluate
+    artifact = train_artifact("my-artifact", model="./my-model", data="my.jsonl")
+    report = evaluate("my-study", recipe="my-recipe.toml", seeds=[0])
+
+Settings come from a recipe (`recipe.py`; "default" unless given) and keyword overrides with the
+recipe's key names; the result is what the CLI prints and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from adapter_service.training.recipe import DEFAULT, KEYS, RecipeError, check, load_recipe, recipe_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    artifact: Any  # core.artifact.Artifact
+    best_validation_nll: float
+    best_step: int
+    targets: list[str]
+
+
+def resolve(recipe: str | Path = DEFAULT, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The recipe's settings with `overrides` on top; every key present (None where unset)."""
+    values = load_recipe(recipe)
+    for key, value in (overrides or {}).items():
+        if key not in KEYS:
+            raise RecipeError(f"setting {key!r}: expected one of {sorted(KEYS)}")
+        values[key] = None if value is None else check(key, value, "override")
+    return {key: values.get(key) for key in KEYS}
+
+
+def recipe_name(recipe: str | Path) -> str:
+    """How a manifest names the recipe: a shipped name as is, a file by its path."""
+    text = str(recipe)
+    return text if "/" not in text and not text.endswith(".toml") else str(recipe_path(recipe))
+
+
+def train_artifact(
+    out: str | Path, recipe: str | Path = DEFAULT, command: str | None = None, **overrides: Any
+) -> TrainOutcome:
+    """Train a hyper-network (or a static LoRA: `kind="static"`) and write its artifact to `out`."""
+    import torch
+
+    from adapter_service.training.export import export_artifact, plan_export
+    from adapter_service.training.hypernetwork import build_network, emitted_rank
+    from adapter_service.training.trainer import (
+        PrefixCache,
+        StaticLoRA,
+        StatisticCache,
+        TrainConfig,
+        resolve_routing,
+        router_labels,
+        train,
+    )
+
+    s = SimpleNamespace(**resolve(recipe, overrides))
+    model, tokenizer, splits = _inputs(s)
+    targets = resolve_targets(s.targets, model)
+    routing = resolve_routing(s.routing, s.network, splits.train)
+    plan = plan_export(
+        model,
+        targets,
+        emitted_rank(s.network, s.rank, s.bases),
+        hidden=s.hidden,
+        max_delta_norm=s.max_delta_norm,
+        statistic=s.statistic,
+        kind=s.network,
+        bases=s.bases,
+        routing_sharpness=s.routing_sharpness,
+        routing=routing,
+        labels=router_labels(routing, splits.train),
+        shared_bases=s.shared_bases,
+    )
+    torch.manual_seed(s.seed)
+    network = (
+        build_network(plan.hypernetwork_config) if s.kind == "hyper" else StaticLoRA(plan.hypernetwork_config)
+    )
+    prefix = PrefixCache.for_targets(model, [n for ms in plan.group_modules.values() for n in ms])
+    config = TrainConfig(
+        policy=_train_policy(s),
+        batch_size=s.batch_size,
+        lr=s.lr,
+        max_steps=s.steps,
+        eval_every=s.eval_every,
+        patience=s.patience,
+        seed=s.seed,
+        batching=s.batching,
+        statistic=plan.manifest_base["statistic"],
+        schedule=s.schedule,
+        warmup_steps=_warmup(s),
+        clip_grad_norm=_clip(s),
+    )
+    result = train(
+        model,
+        network,
+        plan.group_modules,
+        plan.manifest_base["scaling"],
+        splits.train,
+        splits.validation,
+        config,
+        prefix=prefix,
+        statistics=StatisticCache(model, plan.manifest_base["statistic"], tokenizer=tokenizer),
+    )
+    facts = {
+        "trained": True,
+        "recipe": recipe_name(recipe),
+        "kind": s.kind,
+        "data": s.data,
+        "seed": s.seed,
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "best_validation_nll": result.best_validation_nll,
+        "history": result.history,
+        "prompt_tokens": s.prompt_tokens,
+        "continuation_tokens": s.continuation_tokens,
+        "max_per_label": s.max_per_label,
+        "drop_labels": s.drop_label,
+        "split_seed": s.split_seed,
+        "batching": s.batching,
+        "statistic": s.statistic,
+        "targets": targets,
+        "max_k": s.max_k,
+        "train_k": s.train_k,
+        "network": s.network,
+        "bases": s.bases,
+        "shared_bases": s.shared_bases,
+        "lr": s.lr,
+        "schedule": config.schedule,
+        "warmup_steps": config.warmup_steps,
+        "clip_grad_norm": config.clip_grad_norm,
+        "batch_size": s.batch_size,
+    }
+    if command:
+        facts["command"] = command
+    artifact = export_artifact(network.eval(), plan, out, facts=facts)
+    return TrainOutcome(artifact, result.best_validation_nll, result.best_step, targets)
+
+
+def evaluate(
+    out: str | Path,
+    recipe: str | Path = DEFAULT,
+    *,
+    only: Sequence[str] | None = None,
+    skip: Sequence[str] = (),
+    reuse: Sequence[str | Path] = (),
+    command: str | None = None,
+    **overrides: Any,
+) -> dict:
+    """The fair comparison (every method, seeds, intervals) into `out`; returns the report data and
+    writes report.json/md/png unless `only` computes a subset (parallel workers on one `out`)."""
+    from adapter_service.training.evaluation import StudyConfig, run_study
+    from adapter_service.training.report import write_report
+    from adapter_service.training.trainer import resolve_routing
+
+    started = time.perf_counter()
+    s = SimpleNamespace(**resolve(recipe, overrides))
+    model, tokenizer, splits = _inputs(s)
+    config = StudyConfig(
+        targets=resolve_targets(s.targets, model),
+        rank=s.rank,
+        hidden=s.hidden,
+        seeds=list(s.seeds),
+        batch_size=s.batch_size,
+        max_steps=s.steps,
+        eval_every=s.eval_every,
+        patience=s.patience,
+        lr=s.lrs[0] if s.lrs else s.lr,
+        lrs=tuple(s.lrs) if len(s.lrs) > 1 else (),
+        experts=s.experts,
+        expert_batch_size=s.expert_batch_size,
+        expert_steps=s.expert_steps,
+        max_delta_norm=s.max_delta_norm,
+        statistic=s.statistic,
+        batching=s.batching,
+        network=s.network,
+        bases=s.bases,
+        routing_sharpness=s.routing_sharpness,
+        # the oracle diagnostic routes on the true label itself: no classifier in front of it
+        routing=resolve_routing(
+            "distance" if s.oracle_statistic and s.routing == "auto" else s.routing, s.network, splits.train
+        ),
+        shared_bases=s.shared_bases,
+        oracle_statistic=s.oracle_statistic,
+        train_policy=_train_policy(s),
+        schedule=s.schedule,
+        warmup_steps=_warmup(s),
+        clip_grad_norm=_clip(s),
+    )
+    out = Path(out)
+    report = run_study(
+        model,
+        splits.train,
+        splits.validation,
+        splits.test,
+        config,
+        out,
+        only=only,
+        tokenizer=tokenizer,
+        skip=skip,
+        reuse=[Path(d) for d in reuse],
+    )
+    # A study's wall time is the sum over its invocations, parallel `only` workers included.
+    ledger = out / "wall_seconds.json"
+    spent = json.loads(ledger.read_text()) if ledger.exists() else []
+    spent.append(time.perf_counter() - started)
+    ledger.write_text(json.dumps(spent) + "\n")
+    if not only:
+        command = command or f"evaluate(recipe={recipe_name(recipe)!r})"
+        write_report(report, out, command, sum(spent), invocations=len(spent))
+    return report
+
+
+def resolve_targets(targets: str | Sequence[str], model: Any) -> list[str]:
+    """ "auto": the model's own early attention projections (models.spec.default_targets); a
+    comma-separated string or a list: those names or globs."""
+    if isinstance(targets, str) and targets.strip() == "auto":
+        from adapter_service.models.spec import default_targets
+
+        chosen = default_targets(model)
+        log.info("targets auto: %s", ",".join(chosen))
+        return chosen
+    names = targets.split(",") if isinstance(targets, str) else list(targets)
+    return [t.strip() for t in names if t.strip()]
+
+
+def _inputs(s: SimpleNamespace):
+    from adapter_service.models.loading import load_causal_lm
+    from adapter_service.training.trainer import load_examples
+
+    model, tokenizer = load_causal_lm(s.model)
+    splits = load_examples(
+        s.data, tokenizer, s.prompt_tokens, s.continuation_tokens, s.max_per_label, s.split_seed, s.drop_label
+    )
+    print(
+        f"{s.data}: {len(splits.train)} train / {len(splits.validation)} validation / "
+        f"{len(splits.test)} test examples ({s.prompt_tokens} prompt + {s.continuation_tokens} "
+        "continuation tokens)",
+        flush=True,
+    )
+    return model, tokenizer, splits
+
+
+def _train_policy(s: SimpleNamespace):
+    """`train_k` as a clustering policy for the training batches."""
+    from adapter_service.core.clustering import AutoK, FixedK
+
+    if s.train_k == "auto":
+        return AutoK(max_k=s.max_k)
+    if s.train_k == "request":
+        return FixedK(s.batch_size)
+    try:
+        return FixedK(int(s.train_k))
+    except ValueError:
+        raise ValueError(f"train_k: expected 'auto', 'request' or a number, got {s.train_k!r}") from None
+
+
+def _warmup(s: SimpleNamespace) -> int:
+    """`warmup_steps`, or a tenth of `steps` when unset."""
+    return s.warmup_steps if s.warmup_steps is not None else s.steps // 10
+
+
+def _clip(s: SimpleNamespace) -> float | None:
+    """`clip_grad_norm`; 0 or less turns clipping off."""
+    return s.clip_grad_norm if s.clip_grad_norm > 0 else None

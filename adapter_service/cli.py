@@ -1,7 +1,7 @@
 """`chameleon`: the command line of the sidecar and its tools.
 
 chameleon serve  --artifact DIR [--address 127.0.0.1:50051 | unix:PATH] [--metrics-port 9464]
-chameleon export --model DIR|config.json|HUB_ID --targets q_proj,v_proj --rank 8 --out DIR
+chameleon export --model DIR|config.json|X.gguf|HUB_ID|PRESET --targets q_proj,v_proj --rank 8 --out DIR
 chameleon export-peft --artifact DIR --model M --prompts FILE --out DIR   (one cluster -> PEFT dir)
 chameleon train --model M --data my.jsonl --out DIR   (the default recipe; --config FILE, --print-config)
 chameleon eval  --config RECIPE --out DIR              (the fair comparison; flags override the recipe)
@@ -206,7 +206,7 @@ def _train(args: argparse.Namespace) -> int:
             )
             return 0
         outcome = train_artifact(args.out, args.config, command=_command(), **_recipe_settings(args))
-    except RecipeError as exc:
+    except (RecipeError, ValueError, OSError) as exc:
         print(f"chameleon train: error: {exc}", file=sys.stderr)
         return 2
     print(
@@ -239,7 +239,7 @@ def _eval(args: argparse.Namespace) -> int:
             command=_command(),
             **_recipe_settings(args),
         )
-    except RecipeError as exc:
+    except (RecipeError, ValueError, OSError) as exc:
         print(f"chameleon eval: error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
@@ -399,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     export = sub.add_parser("export", help="write an artifact from a freshly initialised hyper-network")
-    export.add_argument("--model", required=True, help="local HF directory, config.json, or hub id")
+    export.add_argument(
+        "--model", required=True, help="local HF directory, config.json, .gguf file, preset or hub id"
+    )
     export.add_argument(
         "--targets", required=True, help="comma-separated module names or globs, e.g. q_proj,v_proj"
     )

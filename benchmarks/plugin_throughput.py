@@ -19,8 +19,8 @@ The FLOP floor is base FLOPs / (base + one rank-r LoRA's FLOPs) per generated to
 any LoRA can reach if its extra work cost no more per FLOP than the base model's.
 Writes OUT/plugin_throughput[_TAG].json and .png.
 
-OpenMP settings are left as the environment gives them, and recorded. The brief suggests
-OMP_WAIT_POLICY=PASSIVE against occasional 7x slowdowns of two torch threads; measured here, it makes
+OpenMP settings are left as the environment gives them, and recorded. OMP_WAIT_POLICY=PASSIVE is a
+common remedy for occasional 7x slowdowns of two torch threads; measured here, it makes
 every small matmul pay a thread wake-up (about 10 us -> 95 us for x[32, 576] @ A[576, 8]), which
 triples the cost of any LoRA, PEFT's and ours alike. Set it in the environment to compare.
 """

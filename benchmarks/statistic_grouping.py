@@ -1,4 +1,4 @@
-"""Which request statistic groups prompts by domain? A first look for the statistics study (issue 6).
+"""Which request statistic groups prompts by domain? A first look at the candidate statistics.
 
 No training: for held-out prompts of a labelled corpus, compute candidate statistics and score how well
 each separates the labels, the way serving uses it (k-means in batches of 32; `diagnostics.py`), and what

@@ -11,7 +11,8 @@
 # "__base_model__"), checks the shard registered adapters (log line and the plugin's metrics, no
 # fallback), then runs the same requests with CHAMELEON_TGI=0 and checks that adapted outputs differ and
 # opted-out ones do not. Pick a model whose projection widths are in the BGMV kernel's whitelist
-# (facts sheet, section 4): TinyLlama's 2048/256 are; SmolLM2-135M's 576/192 are not.
+# (plugins/chameleon_tgi/TGI_INTERNALS.md, section 4): TinyLlama's 2048/256 are; SmolLM2-135M's
+# 576/192 are not.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"

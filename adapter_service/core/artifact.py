@@ -102,14 +102,24 @@ class Manifest:
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     mixture: MixtureLayout | None = None  # absent: adapters are only sent whole
-    # How Adapt groups a batch: "policy" (the caller's clustering policy) or "predicted-label" (one
-    # group per label the artifact's router predicts, whatever the policy asks).
-    grouping: str = "policy"
+    # The manifest's "grouping" field; None for artifacts written before it existed (see `grouping`).
+    declared_grouping: str | None = None
 
     @property
     def targets(self) -> list[tuple[str, int, int]]:
         """(module name, d_in, d_out) for every target module, in output order."""
         return [(m, g.d_in, g.d_out) for g in self.groups for m in g.modules]
+
+    @property
+    def grouping(self) -> str:
+        """How Adapt groups a batch: "policy" (the caller's clustering policy) or "predicted-label" (one
+        group per label the artifact's router predicts, whatever the policy asks). Artifacts older than
+        the field group as their router implies."""
+        if self.declared_grouping is not None:
+            return self.declared_grouping
+        return (
+            "predicted-label" if self.routing == "predicted-label" and self.mixture is not None else "policy"
+        )
 
     @property
     def routing(self) -> str | None:
@@ -127,8 +137,9 @@ class Manifest:
             data["mixture"]["basis_b_outputs"] = list(self.mixture.basis_b_outputs)
         if not self.base_model.weights_sha256_by_dtype:
             del data["base_model"]["weights_sha256_by_dtype"]
-        if self.grouping == "policy":
-            del data["grouping"]
+        grouping = data.pop("declared_grouping")
+        if grouping is not None:
+            data["grouping"] = grouping
         return data
 
     def sha256(self) -> str:
@@ -167,7 +178,7 @@ class Manifest:
             hypernetwork=_obj(data, "hypernetwork"),
             created_by=_str(data, "created_by", allow_empty=True),
             mixture=_mixture(data["mixture"], len(groups)) if "mixture" in data else None,
-            grouping=_grouping(data),
+            declared_grouping=_grouping(data),
         )
         _require(
             re.fullmatch(r"[0-9a-f]{64}", manifest.hypernetwork_sha256) is not None,
@@ -288,12 +299,9 @@ GROUPINGS = ("policy", "predicted-label")
 HASHED_DTYPES = ("bfloat16", "float16")
 
 
-def _grouping(data: dict[str, Any]) -> str:
-    """The typed field, or, for artifacts made before it existed, what their router implies."""
+def _grouping(data: dict[str, Any]) -> str | None:
     if "grouping" not in data:
-        config = data["hypernetwork"].get("config", {}) if isinstance(data.get("hypernetwork"), dict) else {}
-        routed = isinstance(config, dict) and config.get("routing") == "predicted-label"
-        return "predicted-label" if routed and "mixture" in data else "policy"
+        return None
     value = data["grouping"]
     _require(value in GROUPINGS, "grouping", " or ".join(repr(g) for g in GROUPINGS))
     return value

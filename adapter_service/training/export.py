@@ -195,7 +195,7 @@ def export_artifact(
         },
         created_by=f"chameleon-adapters {__version__}",
         mixture=mixture,
-        grouping="predicted-label"
+        declared_grouping="predicted-label"
         if mixture is not None and config.routing == "predicted-label"
         else "policy",
         **plan.manifest_base,

@@ -578,8 +578,13 @@ def load_examples(
 
     documents = [d for d in load_documents(data) if d.label not in set(drop_labels)]
     need = prompt_tokens + continuation_tokens
-    lengths = tokenizer([d.text for d in documents], add_special_tokens=False).input_ids
+    lengths = tokenizer([d.text for d in documents], add_special_tokens=False).input_ids if documents else []
     documents = [d for d, ids in zip(documents, lengths, strict=True) if len(ids) >= need]
+    if len(documents) < 3:
+        raise ValueError(
+            f"data: {data} has {len(documents)} usable documents; expected at least 3 (one per split), each "
+            f"at least 200 characters and {need} tokens (prompt_tokens + continuation_tokens), no duplicates"
+        )
     splits = split_documents(documents, seed=split_seed, max_per_label=max_per_label)
     return ExampleSplits(
         *(

@@ -1,9 +1,9 @@
 """Deferred start-up: a post-import hook on `text_generation_server.models`, and the PATH shim's main.
 
 Standard library only, and nothing at all happens unless CHAMELEON_TGI=1: TGI reads ATTENTION and
-PREFIX_CACHING at import and pulls in CUDA, so it must never be imported early (facts sheet, section 5).
-When TGI's cli imports `text_generation_server.models` (before `server.py` binds
-get_model_with_lora_adapters by name), `chameleon_tgi.patch.install()` runs right after that module
+PREFIX_CACHING at import and pulls in CUDA, so it must never be imported early
+(TGI_INTERNALS.md, section 5). When TGI's cli imports `text_generation_server.models` (before `server.py`
+binds get_model_with_lora_adapters by name), `chameleon_tgi.patch.install()` runs right after that module
 executes: it checks the TGI version and the names it needs, then wraps them, or raises to stop start-up.
 """
 

@@ -1,6 +1,6 @@
 """The runtime inside TGI's shard: statistic at first prefill, one Adapt call, registration, release.
 
-Wrapped into TGI by patch.py (facts sheet, section 5, design 1):
+Wrapped into TGI by patch.py (TGI_INTERNALS.md, section 5, design 1):
 - `get_model_with_lora_adapters` -> `attach()`: check the settings and the sidecar's manifest against the
   model, register the zero identity adapter before warmup (so KV sizing sees it);
 - `FlashCausalLM.warmup`: the synthetic warmup batch is left alone;
@@ -31,7 +31,7 @@ import torch
 from adapter_service.client import AdapterClient, AdapterServiceError, InvalidResponse, ServiceManifest
 from adapter_service.client.fallback import Fallback, ManifestMismatch, ensure_manifest, sidecar_fallback
 from adapter_service.core import codec
-from adapter_service.models.spec import embedding_sha256
+from adapter_service.models.spec import weights_problem
 from adapter_service.models.statistics import MEAN_INPUT_EMBEDDING, prompts_mean_input_embedding
 from chameleon_tgi.config import TGIPluginConfig
 from chameleon_tgi.layout import (
@@ -78,7 +78,7 @@ def check_settings(model: Any, names: TGINames) -> None:
     if world != 1:
         problems.append(
             f"{world} shards: run with --num-shard 1 (row-parallel LoRA under tensor parallelism is "
-            "unverified, facts sheet risk 3, and every rank would need the same sidecar answer)"
+            "unverified, TGI_INTERNALS.md risk 3, and every rank would need the same sidecar answer)"
         )
     if names.globals.CUDA_GRAPHS:
         problems.append(
@@ -143,14 +143,10 @@ def check_fit(
             problems.append(
                 f"target {name!r}: TGI's layer has (d_in, d_out) = {shape}, artifact expects {(d_in, d_out)}"
             )
-    if not problems and check_weights and want.weights_sha256:
-        actual = embedding_sha256(weight[: want.vocab_size])
-        if actual != want.weights_sha256:
-            problems.append(
-                f"base_model.weights_sha256: embeddings hash to {actual}, artifact expects "
-                f"{want.weights_sha256} "
-                "(different weights, or served in another dtype: match --dtype, or CHAMELEON_CHECK_WEIGHTS=0)"
-            )
+    if not problems and check_weights:
+        problem = weights_problem(weight[: want.vocab_size], want)
+        if problem:
+            problems.append(f"{problem} (or CHAMELEON_CHECK_WEIGHTS=0)")
     if problems:
         raise ManifestMismatch(
             f"artifact {manifest.artifact_id} does not fit this model:\n  " + "\n  ".join(problems)

@@ -1,12 +1,12 @@
 """Pure tensor conversions: Chameleon's per-module factors -> the per-layer-type lists TGI's LoraWeights take.
 
-TGI (facts sheet, section 4) wants, for one adapter and one layer type (q_proj, v_proj, ...), a list over
-all L decoder layers of A^T [in, r'] and s B^T [r', out]: transposed, the scale folded into B (TGI's kernels
-run with scale 1.0), and the rank zero-padded by `pad_rank` to r' (8·world_size when r is at or below
-that, otherwise up to a multiple of 16). A layer the artifact does not target gets zeros, because
-LoraWeights needs every layer. The transpose-and-scale step is `chameleon_torch.layer.lora_factors`, the
-one chameleon_torch applies itself, so both plugins compute the same delta; padding only adds zero
-columns of A and zero rows of B, so x A' B' = x A B.
+TGI (TGI_INTERNALS.md, section 4) wants, for one adapter and one layer type (q_proj, v_proj, ...), a list
+over all L decoder layers of A^T [in, r'] and s B^T [r', out]: transposed, the scale folded into B (TGI's
+kernels run with scale 1.0), and the rank zero-padded by `pad_rank` to r' (8·world_size when r is at or
+below that, otherwise up to a multiple of 16). A layer the artifact does not target gets zeros, because
+LoraWeights needs every layer. The transpose-and-scale step is `chameleon_torch.layer.lora_factors`, the one
+chameleon_torch applies itself, so both plugins compute the same delta; padding only adds zero columns of A
+and zero rows of B, so x A' B' = x A B.
 
 No TGI import here: everything is plain torch, tested on CPU against chameleon_torch.
 """
@@ -24,7 +24,7 @@ from chameleon_torch.layer import lora_factors
 MIN_SGMV_RANK = 8  # pad_rank's floor, per shard
 SGMV_BLOCK_SIZE = 16  # above the floor, ranks go up to a multiple of this
 
-# The layer types TGI's loader knows (facts sheet, section 3), in its order. No lm_head.
+# The layer types TGI's loader knows (TGI_INTERNALS.md, section 3), in its order. No lm_head.
 TGI_LAYER_TYPES = (
     "q_proj",
     "k_proj",
@@ -42,7 +42,7 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:.+\.)?([A-Za-z0-9_]+)$")
 
 
 def padded_rank(rank: int, world_size: int = 1) -> int:
-    """The rank TGI's pad_rank produces for `rank` (facts sheet, section 4)."""
+    """The rank TGI's pad_rank produces for `rank` (TGI_INTERNALS.md, section 4)."""
     if rank < 1 or world_size < 1:
         raise ValueError(f"rank and world_size must be >= 1, got {rank} and {world_size}")
     floor = MIN_SGMV_RANK * world_size
@@ -174,7 +174,7 @@ def identity_lists(
     dtype: torch.dtype | None = None,
     world_size: int = 1,
 ) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """The zero "identity" adapter at the padded rank of the real ones (facts sheet, risk 4 mitigation)."""
+    """The zero "identity" adapter at the padded rank of the real ones (TGI_INTERNALS.md, risk 4)."""
     r = padded_rank(rank, world_size)
     out = {}
     for layer_type, shape in plan.items():

@@ -5,7 +5,7 @@ TGI's Python package reports "2.0.5-dev0" whatever the release, and the 3.3.7 im
 therefore recognised by the sha256 of the ten server source files the plugin depends on, as published
 in the v3.3.7 tag (they are identical in 3.3.5 and 3.3.6). Other sources are refused unless
 CHAMELEON_TGI_ALLOW_UNTESTED=1; a missing name or a changed signature is refused always, with the list.
-Only the names of the facts sheet's design 1 are patched: `get_model_with_lora_adapters`,
+Only the names of design 1 (TGI_INTERNALS.md, section 5) are patched: `get_model_with_lora_adapters`,
 `FlashCausalLM.generate_token` and `.warmup`, `FlashCausalLMBatch.filter`.
 """
 

@@ -7,7 +7,7 @@ find it from `request.adapter_id`. When the last request using it leaves, it is 
 names and layer weights removed) but its prepared LoraWeights stay in a byte-bounded LRU, so the next
 batch in that cluster re-registers it without a transfer (its key goes back to the sidecar as held).
 Pinned adapters (the zero identity) stay registered with no user. Each LoraWeights object is immutable
-once built (facts sheet: never mutate registered tensors; a new version gets a new key).
+once built (TGI_INTERNALS.md, section 5: never mutate registered tensors; a new version gets a new key).
 
 No TGI import: the layer weights and the name dict are passed in, so this is plain Python.
 """

@@ -50,6 +50,9 @@ def test_manifest(client: AdapterClient, artifact_dir: Path) -> None:
     assert m.artifact_id == artifact.manifest.artifact_id
     assert m.artifact_sha256 == artifact.sha256
     assert m.base_model == artifact.manifest.base_model
+    assert set(m.base_model.weights_sha256_by_dtype) == {"bfloat16", "float16"}
+    assert m.base_model.weights_sha256_by_dtype == artifact.manifest.base_model.weights_sha256_by_dtype
+    assert m.grouping == "policy"  # Adapt honours the caller's clustering policy
     assert (m.statistic.kind, m.statistic.dim) == ("mean_input_embedding", D)
     assert m.targets == tuple(artifact.manifest.targets)
     assert (m.rank, m.scaling) == (4, 2.0)
@@ -62,7 +65,7 @@ def test_adapt_round_trip(client: AdapterClient, artifact_dir: Path, dtype: str)
     stats = blobs()
     ids = [f"r{i}" for i in range(len(stats))]
     result = client.adapt(stats, request_ids=ids, policy=FixedK(3), dtype=dtype)
-    assert result.k == 3
+    assert result.k == 3 and result.grouping == "policy"
     assert result.assignments.shape == (24,)
     # rows i and i+3 come from the same blob
     assert np.array_equal(result.assignments[:3].repeat(1), result.assignments[3:6])

@@ -270,7 +270,8 @@ def test_auto_routing_learns_from_labels_only_when_every_example_has_one() -> No
 
 def test_sidecar_groups_a_predicted_label_router_by_its_labels(tmp_path: Path) -> None:
     """Over real gRPC: whatever policy the caller asks (TGI's plugin asks AutoK), a predicted-label
-    artifact's clusters are its predicted labels, each with the adapter its requests get one by one."""
+    artifact's clusters are its predicted labels, each with the adapter its requests get one by one;
+    the manifest and every response say so."""
     from adapter_service.client import AdapterClient
     from adapter_service.core.clustering import AutoK, FixedK, PerRequest
     from conftest import start_server
@@ -286,6 +287,7 @@ def test_sidecar_groups_a_predicted_label_router_by_its_labels(tmp_path: Path) -
     server = start_server(artifact.path)
     try:
         with AdapterClient(server.address, timeout=30) as client:
+            assert artifact.manifest.grouping == client.manifest().grouping == "predicted-label"
             one_by_one = client.adapt(test, policy=PerRequest())
             label_keys = {c.key for c in one_by_one.clusters}
             # a label's adapter keeps its key from batch to batch (the plugins' caches hit)
@@ -293,6 +295,7 @@ def test_sidecar_groups_a_predicted_label_router_by_its_labels(tmp_path: Path) -
             assert {c.key for c in reversed_batch.clusters} == label_keys
             for policy in (AutoK(max_k=8), FixedK(1), PerRequest()):
                 answer = client.adapt(test, policy=policy)
+                assert answer.grouping == "predicted-label"  # the requested policy was overridden
                 assert {c.key for c in answer.clusters} == label_keys
                 assert answer.k == len(predicted.unique()) == 2  # one adapter per predicted label
                 same = answer.assignments[:, None] == answer.assignments[None, :]

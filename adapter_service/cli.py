@@ -510,13 +510,19 @@ def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from adapter_service.extras import MissingExtra
+
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] not in _BUILTIN_COMMANDS:
-        plugin = _plugin_commands().get(argv[0])
-        if plugin is not None:
-            return plugin.load()(argv[1:])
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        if argv and argv[0] not in _BUILTIN_COMMANDS:
+            plugin = _plugin_commands().get(argv[0])
+            if plugin is not None:
+                return plugin.load()(argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except MissingExtra as exc:  # a role this install does not carry: one line, not a traceback
+        print(f"chameleon {argv[0] if argv else ''}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

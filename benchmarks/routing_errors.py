@@ -14,7 +14,7 @@ zero; exact, since the static LoRA's per-document losses are on the same split).
 documents, not a chosen setting: it says whether a fallback below a threshold is worth building.
 
     python benchmarks/routing_errors.py --study .chameleon/studies/early-150-b12-classifier \
-        --out docs/results/classifier-routing
+        --out docs/research/results/classifier-routing
 
 Data arguments default to the early-layer study's setting (scripts/early_layer_setting.sh). Writes
 OUT/routing_errors.json and prints one line per seed.

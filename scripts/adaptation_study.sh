@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Issue 6's study (docs/adaptation.md): where does per-cluster adaptation pay? SmolLM2-135M-Instruct on
-# the `mixed` corpus (encyclopedia, news, scripture, fortunes, dictionary, computing glossary), q_proj
-# and v_proj of the last four layers. Chameleon = the mixture generator (6 LoRA bases of rank 8, routed
-# by the mean input embedding, per request in training) against static LoRAs of rank 8 and 48 (= its
-# parameters) and oracle per-domain experts of rank 8 (together = its parameters); seeds 0 1 2.
-# The schedule and routing as they ran (constant lr, no clipping, distance routing; the CLI's defaults
-# changed since).
-# Resumable: re-run after an interruption. Copies report.{json,md,png} to docs/results/adaptation/.
+# The late-layer study of docs/research/adaptation.md: where does per-cluster adaptation pay?
+# SmolLM2-135M-Instruct on the `mixed` corpus (encyclopedia, news, scripture, fortunes, dictionary,
+# computing glossary), q_proj and v_proj of the last four layers. Chameleon = the mixture generator (6 LoRA
+# bases of rank 8, routed by the mean input embedding, per request in training) against static LoRAs of rank
+# 8 and 48 (= its parameters) and oracle per-domain experts of rank 8 (together = its parameters);
+# seeds 0 1 2. The schedule and routing as they ran (constant lr, no clipping, distance routing; the CLI's
+# defaults changed since).
+# Resumable: re-run after an interruption. Copies report.{json,md,png} to
+# docs/research/results/adaptation/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.chameleon/studies}
@@ -17,5 +18,5 @@ chameleon eval --data mixed --max-per-label 200 \
   --seeds 0 1 2 --steps 100 --eval-every 10 --patience 3 --lr 2e-3 \
   --schedule constant --warmup-steps 0 --clip-grad-norm 0 \
   --out "$OUT/adaptation-mixture" "$@"
-mkdir -p docs/results/adaptation
-cp "$OUT/adaptation-mixture"/report.{json,md,png} docs/results/adaptation/
+mkdir -p docs/research/results/adaptation
+cp "$OUT/adaptation-mixture"/report.{json,md,png} docs/research/results/adaptation/

@@ -12,8 +12,8 @@ EARLY_LAYER_SETTING=(
   --schedule cosine --warmup-steps 10 --clip-grad-norm 1.0
 )
 
-# The default recipe on top of it (docs/adaptation.md, "What the default is now"): the mixture's rank 48
-# as 12 bases of rank 4, 150 steps of 32 at lr 4e-3, the experts at 150 steps of 8.
+# The default recipe on top of it (docs/research/adaptation.md, "What the default is now"): the
+# mixture's rank 48 as 12 bases of rank 4, 150 steps of 32 at lr 4e-3, the experts at 150 steps of 8.
 DEFAULT_RECIPE=(--bases 12 --rank 4 --steps 150 --expert-steps 150 --lr 4e-3)
 
 # reuse_if_present DIR: sets REUSE to `--reuse DIR` when that study directory exists (its runs are

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-makes the trained artifact that `chameleon demo` serves (adapter_service/data/demo-artifact): the
-# winner of docs/adaptation.md's study, which is also `chameleon train`'s default recipe. A mixture of 12
-# LoRA bases of rank 4 (rank 48 in all), trained per request, on q_proj and v_proj of
+# winner of docs/research/adaptation.md's study, which is also `chameleon train`'s default recipe. A
+# mixture of 12 LoRA bases of rank 4 (rank 48 in all), trained per request, on q_proj and v_proj of
 # SmolLM2-135M-Instruct's first four layers. The corpus is labelled, so `--routing auto` (the default)
 # routes on the predicted label: a linear classifier of the mean input embedding, fitted to the training
 # labels, picks the label whose adapter a request gets; serving needs no labels. Trained at lr 4e-3

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A routing variant of the default recipe (docs/adaptation.md, "Table routing" and "Classifier
+# A routing variant of the default recipe (docs/research/adaptation.md, "Table routing" and "Classifier
 # routing"): scripts/routing_bases_study.sh's setting (q/v of layers 0-3, 12 bases of rank 4, the mean
 # input embedding, 150 steps, lr 4e-3, experts at 150 steps) with --routing ROUTING:
 #   table       the nearest of 12 fixed k-means prototypes picks a learned row of basis weights, so all
@@ -12,7 +12,7 @@
 # Routing changes nothing the static LoRA or the experts see: with the 12-basis study's directory
 # present their runs are taken from it and only the mixture trains.
 # Resumable; parallel workers can share the directory (--only hyper|static|experts --seeds S).
-# Copies the report to docs/results/ROUTING-routing/.
+# Copies the report to docs/research/results/ROUTING-routing/.
 #   scripts/routing_variant_study.sh table|classifier|predicted-label [chameleon eval arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,5 +24,5 @@ chameleon fetch-corpora
 reuse_if_present "$OUT/early-150-b12"
 chameleon eval "${EARLY_LAYER_SETTING[@]}" "${DEFAULT_RECIPE[@]}" --routing "$routing" \
   --skip static-basis static-big --out "$OUT/early-150-b12-$routing" "${REUSE[@]}" "$@"
-mkdir -p "docs/results/$routing-routing"
-cp "$OUT/early-150-b12-$routing"/report.{json,md,png} "docs/results/$routing-routing/"
+mkdir -p "docs/research/results/$routing-routing"
+cp "$OUT/early-150-b12-$routing"/report.{json,md,png} "docs/research/results/$routing-routing/"

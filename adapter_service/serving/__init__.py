@@ -5,4 +5,4 @@ Depends on `core` and onnxruntime; never on torch, the training side or a plugin
 
 from adapter_service.extras import require
 
-require("The adapter service (chameleon serve)", "sidecar", "onnxruntime")
+require("The adapter service (chameleon serve)", "sidecar", "onnxruntime", "onnx")

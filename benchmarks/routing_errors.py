@@ -1,7 +1,7 @@
-"""What a label router's mistakes cost (docs/adaptation.md, "Classifier routing" and "Routing on the
+"""What a label router's mistakes cost (docs/research/adaptation.md, "Classifier routing" and "Routing on the
 predicted label").
 
-After `scripts/routing_variant_study.sh classifier` (or `predicted-label`), for each seed: refit the
+After `scripts/studies/routing_variant_study.sh classifier` (or `predicted-label`), for each seed: refit the
 seed's label classifier exactly as training did (hypernetwork.fit_linear_probe on the standardised
 training statistics), mark each test document as routed to its own label or not, and split the
 per-document gain of Chameleon (per request) over the static LoRA of the same seed into the two
@@ -16,7 +16,7 @@ documents, not a chosen setting: it says whether a fallback below a threshold is
     python benchmarks/routing_errors.py --study .chameleon/studies/early-150-b12-classifier \
         --out docs/research/results/classifier-routing
 
-Data arguments default to the early-layer study's setting (scripts/early_layer_setting.sh). Writes
+Data arguments default to the early-layer study's setting (scripts/studies/early_layer_setting.sh). Writes
 OUT/routing_errors.json and prints one line per seed.
 """
 

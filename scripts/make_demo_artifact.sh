@@ -8,17 +8,11 @@
 # (the rate the study chose on validation), with warm-up, cosine decay and gradient clipping. The data is
 # the `mixed` corpus, 300 documents per label, 16-token prompts and 24-token continuations; the demo's
 # prompts come from the test split of the same corpus and split seed, never seen in training. This is
-# the study's seed-0 run (scripts/routing_variant_study.sh predicted-label: 150 steps, best validation
+# the study's seed-0 run (scripts/studies/routing_variant_study.sh predicted-label: 150 steps, best validation
 # 3.1567 at step 120). About 25 minutes on 2 idle cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 chameleon fetch-corpora
-exec chameleon train \
-  --model smollm2-135m-instruct \
-  --data mixed --max-per-label 300 --prompt-tokens 16 --continuation-tokens 24 --split-seed 0 \
-  --targets 'model.layers.[0-3].self_attn.q_proj,model.layers.[0-3].self_attn.v_proj' \
-  --network mixture --bases 12 --rank 4 --routing-sharpness 0.3 --train-k request \
-  --kind hyper --batching mixed \
-  --steps 150 --eval-every 10 --patience 3 --lr 4e-3 --schedule cosine --warmup-steps 10 \
-  --clip-grad-norm 1.0 --seed 0 \
-  --out adapter_service/data/demo-artifact "$@"
+# The recipe is a file (adapter_service/training/recipes/demo.toml, the default recipe on `mixed`); the
+# artifact's manifest names it. `chameleon train --config demo --print-config` shows every value.
+exec chameleon train --config demo --out adapter_service/data/demo-artifact "$@"

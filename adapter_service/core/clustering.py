@@ -15,7 +15,7 @@ Policies:
   duplicates cannot be split; empty clusters are never returned.
 * `PerRequest()`: no k-means; every distinct (normalised) row is its own cluster, so each request gets
   the adapter of its own statistic. The study's best way to serve the mixture generator, and in the
-  compact wire form it costs what one adapter costs (docs/adaptation.md).
+  compact wire form it costs what one adapter costs (docs/research/adaptation.md).
 * `AutoK(max_k, min_cluster_size, min_silhouette)`: the candidates are k = 1..K with
   K = min(max_k, N // min_cluster_size, number of distinct normalised rows), at least 1. Every k >= 2
   is clustered with k-means; partitions with a cluster smaller than `min_cluster_size` are discarded

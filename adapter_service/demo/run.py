@@ -275,7 +275,7 @@ def run_demo(
             "5 seeds, on every seed (95% CI over seeds and documents -0.041..-0.005): 59% of the "
             "headroom of per-domain experts given as many steps. "
             "This artifact routes on a classifier's predicted label, learnt from the training labels "
-            "(docs/adaptation.md)."
+            "(docs/research/adaptation.md)."
         )
     finally:
         if server is not None:

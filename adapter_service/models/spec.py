@@ -147,7 +147,7 @@ def _examples(model: nn.Module) -> list[str]:
 
 # Default targets ----------------------------------------------------------------------------------
 
-# The study's recipe (docs/adaptation.md): q_proj and v_proj of decoder layers 0-3 of SmolLM2's 30.
+# The study's recipe (docs/research/adaptation.md): q_proj and v_proj of decoder layers 0-3 of SmolLM2's 30.
 DEFAULT_LAYER_SHARE = (4, 30)
 # Attention projections by the short names transformers gives them: separate query and value
 # projections (the study's recipe) where the model has them, else its fused query-key-value projection

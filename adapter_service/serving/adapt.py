@@ -121,10 +121,10 @@ def group_requests(
 ) -> tuple[Clustering, np.ndarray | None]:
     """The batch's clusters under the caller's policy, except for a predicted-label router: it gives
     every request of one predicted label the same adapter, and a k-means centroid of several labels is
-    classified as one of them (docs/adaptation.md measured +0.13 NLL at auto k against per request), so
-    its clusters are its predicted labels, whatever the policy: per request, rows with equal basis
-    weights merged. A batch then needs at most one adapter per label. Returns the clusters and, for
-    label groups, each one's basis weights [k, bases] (None otherwise)."""
+    classified as one of them (docs/research/adaptation.md measured +0.13 NLL at auto k against per
+    request), so its clusters are its predicted labels, whatever the policy: per request, rows with
+    equal basis weights merged. A batch then needs at most one adapter per label. Returns the clusters
+    and, for label groups, each one's basis weights [k, bases] (None otherwise)."""
     if runtime.manifest.grouping != "predicted-label":
         return cluster(call.statistics, call.policy, seed=seed), None
     rows = cluster(call.statistics, PerRequest())

@@ -10,7 +10,7 @@ model, as LoRA does; `init="random"` gives non-zero B for tests and demos of the
 Two kinds (`HyperNetworkConfig.kind`):
 
 * ``full`` (`HyperNetwork`): the paper's design, every number of A and B generated from the centroid.
-  Measured on real data, it learns to ignore its input (docs/results.md).
+  Measured on real data, it learns to ignore its input (docs/research/results.md).
 * ``mixture`` (`MixtureHyperNetwork`): far fewer generated numbers. `bases` learned LoRAs (each of rank
   rank / bases) and one soft weight per basis, from the centroid's distances to learned prototypes.
   Prototypes start at k-means centroids of the training statistics, standardised with the training
@@ -58,14 +58,14 @@ class HyperNetworkConfig:
     bases: int = 1  # mixture: number of learned LoRA bases; rank must be a multiple of it
     # mixture: mean logit lead of the nearest prototype over the second nearest at initialisation
     # (0.3: soft, top weight ~0.3 of 6 bases; 4: nearly hard, ~0.9). Measured: soft ties a static LoRA
-    # of the same rank, hard loses (docs/adaptation.md).
+    # of the same rank, hard loses (docs/research/adaptation.md).
     routing_sharpness: float = 0.3
     # mixture: how many of the `bases` are always on (weight 1, not routed), a static LoRA inside the
     # mixture; the other bases - shared_bases are routed. 0: every basis is routed.
     shared_bases: int = 0
     # mixture: "distance" (weights from the statistic's distances to learned prototypes) or "table"
     # (the nearest of fixed k-means prototypes picks a row of learned weights: requests of one group
-    # share their weights exactly, as with the label oracle of docs/adaptation.md, without labels).
+    # share their weights exactly, as with the label oracle of docs/research/adaptation.md, without labels).
     routing: str = "distance"
     # mixture with routing "classifier": the training labels, in the order of the classifier's outputs.
     labels: tuple[str, ...] = ()

@@ -68,7 +68,8 @@ def make_examples(
 def resolve_routing(routing: str, network: str, examples: Sequence[Example]) -> str:
     """`routing="auto"` (the default of `chameleon train` and `eval`): a mixture learns its router from
     the labels when every training example has one and there are at least two ("predicted-label", the
-    best measured, docs/adaptation.md), else it routes by distance; any other routing is kept as given."""
+    best measured, docs/research/adaptation.md), else it routes by distance; any other routing is kept
+    as given."""
     if routing != "auto":
         return routing
     labels = {e.label for e in examples}
@@ -366,7 +367,7 @@ class TrainConfig:
     statistic: StatisticLike | None = None  # the artifact's StatisticSpec; None = mean input embedding
     # Linear warm-up, then "constant" or "cosine" (decay to zero at max_steps); clip_grad_norm caps the
     # gradient's global norm. Without them a rank-48 LoRA at lr 2e-3 diverged on one seed of the
-    # early-layer study (docs/adaptation.md).
+    # early-layer study (docs/research/adaptation.md).
     schedule: str = "constant"
     warmup_steps: int = 0
     clip_grad_norm: float | None = None

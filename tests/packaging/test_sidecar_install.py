@@ -1,6 +1,6 @@
 """The sidecar installs by itself: a fresh venv with only the `[sidecar]` extra serves the demo artifact
-to the client, carries no torch (nor transformers, nor the ONNX export stack of onnxscript), and every part whose
-extra is missing says which extra to install, in one line.
+to the client, carries no torch (nor transformers, nor onnxscript's export stack), and every part
+whose extra is missing says which extra to install, in one line.
 
 Installs from the package registry (pip's cache makes reruns fast); nothing else is downloaded.
 """

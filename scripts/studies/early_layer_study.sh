@@ -12,9 +12,9 @@
 # Resumable: re-run after an interruption. Parallel workers can share the directory (--only).
 # Copies report.{json,md,png} to docs/research/results/early-lrs/.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-.chameleon/studies}
-source scripts/early_layer_setting.sh
+source scripts/studies/early_layer_setting.sh
 chameleon fetch-corpora
 chameleon eval "${EARLY_LAYER_SETTING[@]}" --skip static-basis experts \
   --steps 100 --lr 2e-3 4e-3 8e-3 --out "$OUT/early-stable-lrs" "$@"

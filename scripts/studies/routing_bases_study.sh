@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The study behind the default's 12 LoRA bases of rank 4 (docs/research/adaptation.md, "Closing the gap at
-# equal steps"): the setting of scripts/equal_budget_study.sh (150 steps of 32, lr 4e-3, seeds 0 1 2) with
+# equal steps"): the setting of scripts/studies/equal_budget_study.sh (150 steps of 32, lr 4e-3, seeds 0 1 2) with
 # the mixture's rank 48 split into 12 bases of rank 4 instead of 6 of rank 8, against the same static LoRA
 # of rank 48 and the same per-domain experts (6 of rank 8: the rank shared out over the labels), here given
 # as many steps as the shared methods (--expert-steps 150). Routing settings change nothing the static LoRA
@@ -14,9 +14,9 @@
 # Resumable: re-run after an interruption. Parallel workers can share a directory (--only).
 # Copies the reports to docs/research/results/finer-bases/ (report.*, oracle.*, seeds.*).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-.chameleon/studies}
-source scripts/early_layer_setting.sh
+source scripts/studies/early_layer_setting.sh
 chameleon fetch-corpora
 reuse_if_present "$OUT/early-150-experts150"
 chameleon eval "${EARLY_LAYER_SETTING[@]}" "${DEFAULT_RECIPE[@]}" --skip static-basis \

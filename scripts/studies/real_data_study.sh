@@ -5,7 +5,7 @@
 # they are copied to docs/research/results/<corpus>/. About 45 min per corpus on 2 cores when run one
 # at a time.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-.chameleon/studies}
 TARGETS='model.layers.2[6-9].self_attn.q_proj,model.layers.2[6-9].self_attn.v_proj'
 # The paper's generator, as these studies ran (the CLI's defaults are now the mixture of

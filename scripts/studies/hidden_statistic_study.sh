@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The statistic the label oracle asked for (docs/research/adaptation.md, "A better statistic: the hidden state
-# after layer 4"): the default recipe of scripts/routing_bases_study.sh (q/v of layers 0-3, 12 bases of
+# after layer 4"): the default recipe of scripts/studies/routing_bases_study.sh (q/v of layers 0-3, 12 bases of
 # rank 4, 150 steps, lr 4e-3, experts at 150 steps) routed on the mean hidden state after decoder layer 4
 # of the base model (--statistic hidden:4) instead of the mean input embedding. The adapted layers come
 # before layer 4, so serving pays a separate pass of 4 of the 30 layers over the prompt. The statistic
@@ -11,9 +11,9 @@
 # Copies the reports to docs/research/results/hidden-statistic/ (report.*, layer8.*,
 # statistic_grouping_mixed16.*).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-.chameleon/studies}
-source scripts/early_layer_setting.sh
+source scripts/studies/early_layer_setting.sh
 chameleon fetch-corpora
 reuse_if_present "$OUT/early-150-b12"
 chameleon eval "${EARLY_LAYER_SETTING[@]}" "${DEFAULT_RECIPE[@]}" --statistic hidden:4 \

@@ -9,7 +9,7 @@
 # Resumable: re-run after an interruption. Copies report.{json,md,png} to
 # docs/research/results/adaptation/.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-.chameleon/studies}
 chameleon fetch-corpora
 chameleon eval --data mixed --max-per-label 200 \

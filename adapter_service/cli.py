@@ -191,63 +191,52 @@ def _command() -> str:
     return "chameleon " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def _train(args: argparse.Namespace) -> int:
-    from adapter_service.training.api import resolve, train_artifact
+def _run_recipe(args: argparse.Namespace, run) -> int:
+    """`--print-config`, or `run(settings)` with the recipe errors as one line and exit status 2."""
+    from adapter_service.training.api import resolve
     from adapter_service.training.recipe import RecipeError, to_toml
 
-    if not args.print_config and not args.out:
-        print(f"chameleon {args.command}: error: --out is required", file=sys.stderr)
-        return 2
+    settings = _recipe_settings(args)
     try:
         if args.print_config:
-            print(
-                to_toml(resolve(args.config, _recipe_settings(args)), f"recipe: {args.config} + flags"),
-                end="",
-            )
+            print(to_toml(resolve(args.config, settings), f"recipe: {args.config} + flags"), end="")
             return 0
-        outcome = train_artifact(args.out, args.config, command=_command(), **_recipe_settings(args))
+        if not args.out:
+            raise ValueError("--out is required")
+        run(settings)
     except (RecipeError, ValueError, OSError) as exc:
-        print(f"chameleon train: error: {exc}", file=sys.stderr)
+        print(f"chameleon {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    print(
-        f"wrote {outcome.artifact.path} ({outcome.artifact.manifest.artifact_id}); best validation NLL "
-        f"{outcome.best_validation_nll:.4f} at step {outcome.best_step}; targets {','.join(outcome.targets)}"
-    )
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from adapter_service.training.api import train_artifact
+
+    def run(settings: dict) -> None:
+        outcome = train_artifact(args.out, args.config, command=_command(), **settings)
+        print(
+            f"wrote {outcome.artifact.path} ({outcome.artifact.manifest.artifact_id}); best validation "
+            f"NLL {outcome.best_validation_nll:.4f} at step {outcome.best_step}; targets "
+            f"{','.join(outcome.targets)}"
+        )
+
+    return _run_recipe(args, run)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from adapter_service.training.api import evaluate, resolve
-    from adapter_service.training.recipe import RecipeError, to_toml
+    from adapter_service.training.api import evaluate
 
-    if not args.print_config and not args.out:
-        print(f"chameleon {args.command}: error: --out is required", file=sys.stderr)
-        return 2
-    try:
-        if args.print_config:
-            print(
-                to_toml(resolve(args.config, _recipe_settings(args)), f"recipe: {args.config} + flags"),
-                end="",
-            )
-            return 0
-        evaluate(
-            args.out,
-            args.config,
-            only=args.only,
-            skip=args.skip,
-            reuse=args.reuse,
-            command=_command(),
-            **_recipe_settings(args),
-        )
-    except (RecipeError, ValueError, OSError) as exc:
-        print(f"chameleon eval: error: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    if args.only:
-        print(f"computed {', '.join(args.only)} in {out}; no report (--only)")
-        return 0
-    print((out / "report.md").read_text())
-    return 0
+    def run(settings: dict) -> None:
+        out = Path(args.out)
+        reuse, command = args.reuse, _command()
+        evaluate(out, args.config, only=args.only, skip=args.skip, reuse=reuse, command=command, **settings)
+        if args.only:
+            print(f"computed {', '.join(args.only)} in {out}; no report (--only)")
+        else:
+            print((out / "report.md").read_text())
+
+    return _run_recipe(args, run)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -15,22 +15,27 @@ from adapter_service.serving.server import AdapterServer, ServerConfig
 from adapter_service.serving.validation import Limits
 from adapter_service.training.export import make_fresh_artifact
 
+# The shape every tiny decoder shares unless its builder says otherwise.
+TINY_DECODER = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
+    "max_position_embeddings": 128,
+}
+
+
+def _tiny(config_class, model_class, seed: int, **settings) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return model_class(config_class(**{**TINY_DECODER, **settings})).eval()
+
 
 def tiny_llama(seed: int = 0, **overrides) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    shape = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 256,
-        "max_position_embeddings": 128,
-    }
-    config = LlamaConfig(**{**shape, **overrides})
-    return LlamaForCausalLM(config).eval()
+    return _tiny(LlamaConfig, LlamaForCausalLM, seed, **overrides)
 
 
 def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
@@ -45,17 +50,7 @@ def tiny_qwen2(seed: int = 0, **overrides) -> torch.nn.Module:
     """Qwen2: grouped-query attention (1 key-value head for 4 query heads) and biased q/k/v."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(seed)
-    shape = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 1,
-        "vocab_size": 256,
-        "max_position_embeddings": 128,
-    }
-    return Qwen2ForCausalLM(Qwen2Config(**{**shape, **overrides})).eval()
+    return _tiny(Qwen2Config, Qwen2ForCausalLM, seed, **{"num_key_value_heads": 1, **overrides})
 
 
 def tiny_gemma2(seed: int = 0, **overrides) -> torch.nn.Module:
@@ -63,20 +58,8 @@ def tiny_gemma2(seed: int = 0, **overrides) -> torch.nn.Module:
     soft-capped logits and a head_dim that is not hidden / heads."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    torch.manual_seed(seed)
-    shape = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 32,
-        "vocab_size": 256,
-        "max_position_embeddings": 128,
-        "sliding_window": 8,
-        "tie_word_embeddings": True,
-    }
-    return Gemma2ForCausalLM(Gemma2Config(**{**shape, **overrides})).eval()
+    gemma = {"head_dim": 32, "sliding_window": 8, "tie_word_embeddings": True}
+    return _tiny(Gemma2Config, Gemma2ForCausalLM, seed, **{**gemma, **overrides})
 
 
 GGUF_TEXT = ["the cat sat on the mat", "a dog ran far away and then slept", "hello world"]

@@ -1,6 +1,7 @@
 """`chameleon`: the command line of the sidecar and its tools.
 
 chameleon serve  --artifact DIR [--address 127.0.0.1:50051 | unix:PATH] [--metrics-port 9464]
+                 [--tls-cert F --tls-key F [--tls-client-ca F]] [--auth-token-file F] [--pause-file F]
 chameleon export --model DIR|config.json|X.gguf|HUB_ID|PRESET --targets q_proj,v_proj --rank 8 --out DIR
 chameleon export-peft --artifact DIR --model M --prompts FILE --out DIR   (one cluster -> PEFT dir)
 chameleon train --model M --data my.jsonl --out DIR   (the default recipe; --config FILE, --print-config)
@@ -43,32 +44,58 @@ def _serve(args: argparse.Namespace) -> int:
     _limit_blas_threads(args.blas_threads)
     from adapter_service.core import logs
     from adapter_service.core.artifact import ArtifactError
+    from adapter_service.serving.security import read_token_file
     from adapter_service.serving.server import ServerConfig, ServiceError, run
     from adapter_service.serving.validation import Limits
 
     logs.configure(args.log_level, json_format=not args.plain_logs)
-    config = ServerConfig(
-        artifact=Path(args.artifact),
-        address=args.address,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        metrics_address=args.metrics_address,
-        limits=Limits(
-            max_rows=args.max_rows, max_clusters=args.max_clusters, max_message_bytes=args.max_message_bytes
-        ),
-        max_concurrent_rpcs=args.max_concurrent_rpcs,
-        workers=args.workers,
-        ort_threads=args.ort_threads,
-        seed=args.seed,
-        grace_seconds=args.grace,
-        expect_sha256=args.expect_sha256,
-    )
+
+    def optional_path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
     try:
+        config = ServerConfig(
+            artifact=Path(args.artifact),
+            address=args.address,
+            metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+            metrics_address=args.metrics_address,
+            limits=Limits(
+                max_rows=args.max_rows,
+                max_clusters=args.max_clusters,
+                max_message_bytes=args.max_message_bytes,
+            ),
+            max_concurrent_rpcs=args.max_concurrent_rpcs,
+            workers=args.workers,
+            ort_threads=args.ort_threads,
+            seed=args.seed,
+            grace_seconds=args.grace,
+            expect_sha256=args.expect_sha256,
+            tls_cert=optional_path(args.tls_cert),
+            tls_key=optional_path(args.tls_key),
+            tls_client_ca=optional_path(args.tls_client_ca),
+            auth_token=read_token_file(args.auth_token_file) if args.auth_token_file else None,
+            allow_insecure_remote=args.allow_insecure_remote,
+            socket_mode=args.socket_mode,
+            pause_file=optional_path(args.pause_file),
+            audit_log=optional_path(args.audit_log),
+        )
         asyncio.run(run(config))
     except (ArtifactError, ServiceError, RuntimeError) as exc:
         log.error("cannot start", extra={"error": str(exc)})
         print(f"chameleon serve: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _file_mode(text: str) -> int:
+    """`--socket-mode 0660` -> 0o660 (octal, as chmod takes it)."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an octal mode such as 0600, got {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"expected an octal mode between 0000 and 0777, got {text!r}")
+    return mode
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -381,10 +408,55 @@ def build_parser() -> argparse.ArgumentParser:
         help="numpy BLAS threads (default 1 unless OPENBLAS_NUM_THREADS/MKL_NUM_THREADS is set)",
     )
     serve.add_argument("--seed", type=int, default=0, help="k-means seed (same input, same groups)")
-    serve.add_argument("--grace", type=float, default=5.0, help="seconds to drain calls on SIGTERM")
+    serve.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        help="seconds that calls in flight have to finish on SIGTERM (new calls get UNAVAILABLE meanwhile)",
+    )
     serve.add_argument("--expect-sha256", help="refuse to start unless the artifact has this sha256")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
+    security = serve.add_argument_group("security (default: plain text, loopback only)")
+    security.add_argument(
+        "--tls-cert", metavar="FILE", help="PEM certificate (chain) of the server: serve TLS"
+    )
+    security.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    security.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="PEM CA bundle: mutual TLS, clients need a certificate it signed",
+    )
+    security.add_argument(
+        "--auth-token-file",
+        metavar="FILE",
+        help="file holding a bearer token that every call but health must send as 'authorization: Bearer "
+        "<token>' (never put the token itself on the command line)",
+    )
+    security.add_argument(
+        "--allow-insecure-remote",
+        action="store_true",
+        help="listen beyond loopback in plain text without a token (only where nothing but the model "
+        "server can reach the port); refused otherwise",
+    )
+    security.add_argument(
+        "--socket-mode",
+        type=_file_mode,
+        default=0o600,
+        metavar="MODE",
+        help="permissions of a unix: socket (default 0600: only this user; 0660 adds its group)",
+    )
+    serve.add_argument(
+        "--pause-file",
+        metavar="PATH",
+        help="while this file exists, Adapt answers FAILED_PRECONDITION 'paused:' and the plugins serve "
+        "the base model (also SIGUSR1 pauses, SIGUSR2 resumes)",
+    )
+    serve.add_argument(
+        "--audit-log",
+        metavar="FILE",
+        help="append one JSON line per Adapt call (request ids, clusters, adapter keys and norms, status)",
+    )
     serve.set_defaults(func=_serve)
 
     export = sub.add_parser("export", help="write an artifact from a freshly initialised hyper-network")

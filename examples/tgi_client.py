@@ -5,7 +5,8 @@
 
 One plain call (with details: finish reason, token ids, logprobs) and one streamed call that prints
 tokens as the server produces them. `InferenceClient(base_url=URL)` posts both to `URL` itself
-(TGI's `POST /`, `"stream": false|true`).
+(TGI's `POST /`, `"stream": false|true`). For a server started with `--api-key-file FILE`, pass the same
+file: the key is sent as `Authorization: Bearer <key>`.
 """
 
 from __future__ import annotations
@@ -23,9 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8080")
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--api-key-file", default=None, help="file holding the server's API key")
     args = parser.parse_args(argv)
 
-    client = InferenceClient(base_url=args.url, timeout=120)
+    api_key = None
+    if args.api_key_file:
+        with open(args.api_key_file) as f:
+            api_key = f.read().strip()
+    client = InferenceClient(base_url=args.url, api_key=api_key, timeout=120)
 
     out = client.text_generation(args.prompt, max_new_tokens=args.max_new_tokens, details=True)
     print(f"plain:  {out.generated_text!r}")

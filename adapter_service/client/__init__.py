@@ -1,7 +1,8 @@
 """The client side of the contract: what model servers and plugins import (gRPC, numpy and `core` only).
 
-`fallback` holds the reasons a plugin serves the base model instead, and `settings` the CHAMELEON_*
-environment variables the engine plugins share.
+`credentials` holds ClientSecurity (TLS, mTLS, bearer token), `fallback` the reasons a plugin serves the
+base model instead, `audit` the per-batch JSON-lines record, and `settings` the CHAMELEON_* environment
+variables the engine plugins share.
 """
 
 from adapter_service.client.adapter_client import (
@@ -18,6 +19,7 @@ from adapter_service.client.adapter_client import (
     build_adapt_request,
     parse_adapt_response,
 )
+from adapter_service.client.credentials import ClientSecurity
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -26,6 +28,7 @@ __all__ = [
     "AdapterServiceError",
     "AsyncAdapterClient",
     "BasesCache",
+    "ClientSecurity",
     "ClusterAdapter",
     "InvalidResponse",
     "ModuleDelta",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from adapter_service.client.credentials import ENV_VARS, ClientSecurity
 from adapter_service.core.clustering import AutoK, ClusteringPolicy, FixedK
 
 
@@ -75,4 +76,9 @@ def common_settings(env: Mapping[str, str], allow_untested_var: str) -> dict[str
         kwargs["metrics_port"] = positive("CHAMELEON_METRICS_PORT", env["CHAMELEON_METRICS_PORT"], int)
     if allow_untested_var in env:
         kwargs["allow_untested"] = flag(allow_untested_var, env[allow_untested_var])
+    if any(env.get(var, "").strip() for var in ENV_VARS.values()):
+        # CHAMELEON_TLS_CA, _TLS_CERT, _TLS_KEY, _AUTH_TOKEN_FILE, _TLS_SERVER_NAME (errors name them)
+        kwargs["security"] = ClientSecurity.from_env(env)
+    if env.get("CHAMELEON_AUDIT_LOG", "").strip():
+        kwargs["audit_log"] = env["CHAMELEON_AUDIT_LOG"].strip()
     return kwargs

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,8 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "hypernetwork.onnx"
 CENTROIDS_INPUT = "centroids"
+INT64_MAX = 2**63 - 1  # the wire's integers (Manifest, TargetModule) are int64
+FLOAT32_MAX = 3.4028234663852886e38  # Manifest.scaling is a float32 on the wire
 
 
 class ArtifactError(Exception):
@@ -172,7 +175,7 @@ class Manifest:
                 params={str(k): str(v) for k, v in _obj(stat, "params", "statistic.").items()},
             ),
             rank=_pos_int(data, "rank"),
-            scaling=float(_number(data, "scaling")),
+            scaling=_scaling(data),
             groups=tuple(_group(g, i) for i, g in enumerate(groups)),
             hypernetwork_sha256=_str(data, "hypernetwork_sha256"),
             hypernetwork=_obj(data, "hypernetwork"),
@@ -271,10 +274,18 @@ def _number(data: dict[str, Any], key: str, prefix: str = "") -> float:
 def _pos_int(data: dict[str, Any], key: str, prefix: str = "") -> int:
     value = data.get(key)
     _require(
-        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        isinstance(value, int) and not isinstance(value, bool) and 0 < value <= INT64_MAX,
         prefix + key,
-        "a positive integer",
+        f"a positive integer <= {INT64_MAX} (int64)",
     )
+    return value
+
+
+def _scaling(data: dict[str, Any]) -> float:
+    """JSON parsing takes NaN and Infinity, and a float64 beyond float32's range is inf on the wire:
+    either would turn every adapter into NaN or inf."""
+    value = float(_number(data, "scaling"))
+    _require(math.isfinite(value) and abs(value) <= FLOAT32_MAX, "scaling", "a finite number (float32 range)")
     return value
 
 

@@ -32,6 +32,8 @@ _NAMES: dict[str, int] = {
 }
 _ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
 SUPPORTED_DTYPES: tuple[str, ...] = tuple(_NAMES)
+MAX_VALUES = 2**31 - 1  # most values (and largest dimension) of a decoded tensor
+MAX_DIMS = 32
 
 
 class CodecError(ValueError):
@@ -95,14 +97,24 @@ def decode(
         raise CodecError(
             f"{field}.dtype", f"got {dtype_name(wire)}, expected {dtype_name(parse_dtype(dtype))}"
         )
-    dims = tuple(int(d) for d in tensor.shape)
-    if any(d < 0 for d in dims):
-        raise CodecError(f"{field}.shape", f"{list(dims)} has a negative dimension; expected sizes >= 0")
-    if shape is not None and (
-        len(dims) != len(shape) or any(e is not None and d != e for d, e in zip(dims, shape, strict=False))
-    ):
+    dims = tuple(int(d) for d in tensor.shape)  # Python ints: the checks below cannot overflow
+    shown = _shape_text(dims)
+    if shape is not None and len(dims) != len(shape):
         want = ", ".join("*" if e is None else str(e) for e in shape)
-        raise CodecError(f"{field}.shape", f"got {list(dims)}, expected [{want}]")
+        raise CodecError(f"{field}.shape", f"got {shown}, expected [{want}]")
+    if len(dims) > MAX_DIMS:
+        raise CodecError(f"{field}.shape", f"{len(dims)} dimensions; expected at most {MAX_DIMS}")
+    if any(d < 0 for d in dims):
+        raise CodecError(f"{field}.shape", f"{shown} has a negative dimension; expected sizes >= 0")
+    # Checked before numpy sees the shape: [2**62, 0] holds no values, matches empty data, and would
+    # still make numpy raise. No real tensor is near the bound (bytes fields stop at 2 GiB).
+    if any(d > MAX_VALUES for d in dims) or math.prod(d for d in dims if d) > MAX_VALUES:
+        raise CodecError(
+            f"{field}.shape", f"{shown} is out of range; expected dimensions whose product is <= {MAX_VALUES}"
+        )
+    if shape is not None and any(e is not None and d != e for d, e in zip(dims, shape, strict=True)):
+        want = ", ".join("*" if e is None else str(e) for e in shape)
+        raise CodecError(f"{field}.shape", f"got {shown}, expected [{want}]")
     np_dtype = _NUMPY[wire]
     count = math.prod(dims)
     expected_bytes = count * np_dtype.itemsize
@@ -110,7 +122,7 @@ def decode(
         raise CodecError(
             f"{field}.data",
             f"{len(tensor.data)} bytes, expected {expected_bytes} "
-            f"({dtype_name(wire)} x shape {list(dims)} = {count} values x {np_dtype.itemsize} bytes)",
+            f"({dtype_name(wire)} x shape {shown} = {count} values x {np_dtype.itemsize} bytes)",
         )
     array = np.frombuffer(tensor.data, dtype=np_dtype).reshape(dims)
     if require_finite and not np.isfinite(array.astype(np.float32, copy=False)).all():
@@ -141,6 +153,13 @@ def _from_numpy(dtype: np.dtype) -> int:
     raise CodecError(
         "dtype", f"numpy dtype {dtype} is not supported; expected one of {', '.join(SUPPORTED_DTYPES)}"
     )
+
+
+def _shape_text(dims: tuple[int, ...]) -> str:
+    """A shape for a message, bounded however many dimensions a caller sent."""
+    if len(dims) <= 8:
+        return str(list(dims))
+    return f"[{', '.join(str(d) for d in dims[:8])}, ...] ({len(dims)} dimensions)"
 
 
 def _expected_dtypes() -> str:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from adapter_service.client import AdapterClient, AdapterServiceError
+from adapter_service.client import AdapterClient, AdapterServiceError, ClientSecurity
 
 
 def free_port() -> int:
@@ -38,7 +38,11 @@ class SidecarProcess:
         log_path: str | os.PathLike[str] | None = None,
         extra_args: Sequence[str] = (),
         startup_timeout: float = 120.0,
+        security: ClientSecurity | None = None,
     ) -> None:
+        """`security`: how to reach a sidecar started with TLS options in `extra_args` (health needs no
+        token, but a TLS listener needs a TLS client)."""
+        self.security = security
         self.address = address or f"127.0.0.1:{free_port()}"
         self.metrics_port = metrics_port
         command = [
@@ -71,7 +75,7 @@ class SidecarProcess:
 
     def _wait_serving(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        with AdapterClient(self.address, timeout=1.0) as client:
+        with AdapterClient(self.address, timeout=1.0, security=self.security) as client:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     raise RuntimeError(

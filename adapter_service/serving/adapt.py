@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -17,7 +18,7 @@ import numpy as np
 from adapter_service.core import codec
 from adapter_service.core.clustering import Clustering, PerRequest, cluster
 from adapter_service.proto import adapter_service_pb2 as pb
-from adapter_service.serving.runtime import HyperNetworkRuntime
+from adapter_service.serving.runtime import GroupOutput, HyperNetworkRuntime
 from adapter_service.serving.validation import AdaptCall, Limits, RequestError
 
 # Per-tensor framing in the response (tags, lengths, shape): generous, so the estimate is an upper bound.
@@ -42,9 +43,25 @@ def bases_key(artifact_sha256: str, dtype: int) -> str:
     return hashlib.sha256(f"{artifact_sha256}:{codec.dtype_name(dtype)}:bases".encode()).hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class AdaptOutputs:
+    """What a call generated, before the wire cast: for the audit log's adapter norms."""
+
+    needed: list[int]  # cluster indices generated, in row order of `generated` / `weights`
+    generated: dict[str, GroupOutput]  # float32 A and B per group (empty in the compact form)
+    weights: np.ndarray | None  # compact form: basis weights [len(needed), bases]
+
+
 def adapt(
     call: AdaptCall, runtime: HyperNetworkRuntime, limits: Limits, seed: int = 0, decode_seconds: float = 0.0
 ) -> pb.AdaptResponse:
+    return adapt_with_outputs(call, runtime, limits, seed, decode_seconds)[0]
+
+
+def adapt_with_outputs(
+    call: AdaptCall, runtime: HyperNetworkRuntime, limits: Limits, seed: int = 0, decode_seconds: float = 0.0
+) -> tuple[pb.AdaptResponse, AdaptOutputs]:
+    """`adapt`, also returning the generated tensors it packed."""
     manifest = runtime.manifest
     started = time.perf_counter()
     grouping, label_weights = group_requests(call, runtime, seed)
@@ -58,6 +75,7 @@ def adapt(
     shared_key = bases_key(runtime.artifact.sha256, call.dtype) if call.compact else ""
     send_bases = bool(call.compact and needed and shared_key not in call.held_keys)
     _check_response_size(len(needed), grouping.k, call, runtime, limits, send_bases)
+    weights = None
     if call.compact:
         generated = {}
         if not needed:
@@ -113,7 +131,7 @@ def adapt(
             total=decode_seconds + encoded - started,
         )
     )
-    return response
+    return response, AdaptOutputs(needed=needed, generated=generated, weights=weights)
 
 
 def group_requests(

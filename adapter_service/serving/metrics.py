@@ -6,7 +6,7 @@ share or collide on counters.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 STAGES = ("decode", "cluster", "hypernetwork", "encode", "total")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -53,6 +53,17 @@ class ServiceMetrics:
             "chameleon_rpc_errors",
             "Failed RPCs, by method and status code",
             ["method", "code"],
+            registry=self.registry,
+        )
+        self.paused = Gauge(
+            "chameleon_server_paused",
+            "1 while the pause switch makes Adapt answer FAILED_PRECONDITION, else 0",
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            "chameleon_rpcs_refused",
+            "Calls refused before reaching a method: unauthenticated, or arriving while draining",
+            ["reason"],
             registry=self.registry,
         )
         self._http = None

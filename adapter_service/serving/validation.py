@@ -16,6 +16,7 @@ from adapter_service.core import codec
 from adapter_service.core.artifact import Manifest
 from adapter_service.core.clustering import AutoK, ClusteringPolicy, FixedK, PerRequest
 from adapter_service.proto import adapter_service_pb2 as pb
+from adapter_service.serving.errors import clip
 
 DEFAULT_MAX_K = 8
 
@@ -28,10 +29,11 @@ class Limits:
 
 
 class RequestError(Exception):
-    """A request the service refuses; `code` is the gRPC status to answer with."""
+    """A request the service refuses; `code` is the gRPC status to answer with. The message is clipped
+    (callers' values are clipped where they are quoted; this bounds the whole)."""
 
     def __init__(self, code: grpc.StatusCode, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+        super().__init__(clip(f"{field}: {message}", 1000))
         self.code = code
         self.field = field
 
@@ -89,7 +91,7 @@ def parse_adapt_request(request: pb.AdaptRequest, manifest: Manifest, limits: Li
             )
         if len(set(ids)) != n:
             dup = next(i for i, count in Counter(ids).items() if count > 1)
-            raise RequestError(invalid, "request_ids", f"duplicate id {dup!r}; expected unique ids")
+            raise RequestError(invalid, "request_ids", f"duplicate id {clip(repr(dup))}; expected unique ids")
 
     dtype = request.dtype or pb.DTYPE_FLOAT32
     if dtype not in (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16):

@@ -58,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import queue
 import random
 import threading
@@ -75,6 +76,8 @@ FINISH_REASONS = ("length", "eos_token", "stop_sequence")
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's and InferenceClient's documented default
 MAX_STOP_SEQUENCES = 4  # TGI's default --max-stop-sequences
 MAX_TOP_N_TOKENS = 5  # TGI's default --max-top-n-tokens
+# Below this, a temperature or repetition penalty divides logits into infinities and fails the batch.
+MIN_DIVISOR = 1e-4
 _DECODE_CONTEXT = 5  # prompt tokens kept as context for incremental decoding (as TGI)
 
 
@@ -114,6 +117,13 @@ class GenerationError(BatcherError):
 
     error_type = "generation"
     status = 500
+
+
+class Aborted(BatcherError):
+    """The server stopped before this request finished: its drain outlasted the grace (HTTP 503)."""
+
+    error_type = "shutdown"
+    status = 503
 
 
 # -- requests and results -------------------------------------------------------------------------
@@ -156,8 +166,14 @@ class GenerationRequest:
             raise ValidationError("`inputs` cannot be empty")
         if self.max_new_tokens is not None and self.max_new_tokens <= 0:
             raise ValidationError("`max_new_tokens` must be strictly positive")
+        for name in ("temperature", "top_p", "typical_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValidationError(f"`{name}` must be a finite number")
         if self.temperature is not None and self.temperature <= 0:
             raise ValidationError("`temperature` must be strictly positive")
+        if self.temperature is not None and self.temperature < MIN_DIVISOR:
+            raise ValidationError(f"`temperature` must be >= {MIN_DIVISOR}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValidationError("`top_p` must be > 0.0 and <= 1.0")
         if self.top_k is not None and self.top_k <= 0:
@@ -166,6 +182,8 @@ class GenerationRequest:
             raise ValidationError("`typical_p` must be > 0.0 and <= 1.0")
         if self.repetition_penalty is not None and self.repetition_penalty <= 0:
             raise ValidationError("`repetition_penalty` must be strictly positive")
+        if self.repetition_penalty is not None and self.repetition_penalty < MIN_DIVISOR:
+            raise ValidationError(f"`repetition_penalty` must be >= {MIN_DIVISOR}")
         if self.truncate is not None and self.truncate <= 0:
             raise ValidationError("`truncate` must be strictly positive")
         if self.seed is not None and not 0 <= self.seed < 2**64:
@@ -436,6 +454,12 @@ class _RowTracker:
 
     # stopping criterion: [B] bool, True where the row is done
     def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        if self.batcher.aborted:  # stop between two decoding steps: the server is going away
+            for row in self.rows:
+                if not row.finished:
+                    row.finished = True
+                    self.batcher._fail(row.pending, Aborted(ABORTED_MESSAGE))
+            return torch.ones(len(self.rows), dtype=torch.bool, device=input_ids.device)
         step = input_ids.shape[1] - self.prompt_len
         if step > self.consumed:
             self._consume(input_ids[:, -1], step)
@@ -478,6 +502,7 @@ class _RowTracker:
 # -- the batcher ----------------------------------------------------------------------------------
 
 _STOP = object()
+ABORTED_MESSAGE = "the server shut down before this request finished"
 
 
 class Batcher:
@@ -498,10 +523,14 @@ class Batcher:
         max_input_tokens: int | None = None,
         max_total_tokens: int | None = None,
         max_concurrent_requests: int = 128,
+        max_new_tokens_limit: int | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        if max_new_tokens_limit is not None and max_new_tokens_limit < 1:
+            raise ValueError("max_new_tokens_limit must be >= 1")
+        self.max_new_tokens_limit = max_new_tokens_limit
         if batch_window_ms < 0:
             raise ValueError("batch_window_ms must be >= 0")
         self.model = model
@@ -536,6 +565,7 @@ class Batcher:
         self._in_flight = 0
         self._batches_run = 0
         self._closing = False
+        self._abort = threading.Event()
         self._thread: threading.Thread | None = None
 
     @staticmethod
@@ -576,10 +606,30 @@ class Batcher:
     def close(self, timeout: float | None = None) -> bool:
         """Graceful shutdown: refuse new requests, finish accepted ones. True when the worker ended."""
         self.begin_shutdown()
+        return self.join(timeout)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the worker to end; True when it has (or never started)."""
         if self._thread is not None:
             self._thread.join(timeout)
             return not self._thread.is_alive()
         return True
+
+    def abort(self) -> None:
+        """Refuse new requests and end the accepted ones with `Aborted` (503): the running batch stops at
+        its next decoding step, queued requests do not start. The worker then exits (see `join`): the
+        process must not exit while it is inside torch."""
+        self.begin_shutdown()
+        self._abort.set()
+
+    @property
+    def aborted(self) -> bool:
+        return self._abort.is_set()
+
+    @property
+    def worker_running(self) -> bool:
+        """The worker thread exists and has not ended (also while closing, unlike is_alive)."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def in_flight(self) -> int:
@@ -594,6 +644,8 @@ class Batcher:
         """Validate and queue; never waits for generation. Raises ValidationError, Overloaded or
         ShuttingDown."""
         try:
+            if self._closing:  # before tokenizing: no new work in a thread the shutdown does not wait for
+                raise ShuttingDown("the server is shutting down")
             request.check()
             ids = self.tokenize(request.prompt)
             if request.truncate is not None and len(ids) > request.truncate:
@@ -605,8 +657,12 @@ class Batcher:
                     f"`inputs` must have less than {self.max_input_tokens} tokens. Given: {len(ids)}"
                 )
             max_new = request.max_new_tokens
+            limit = self.max_new_tokens_limit
+            if max_new is not None and limit is not None and max_new > limit:
+                raise ValidationError(f"`max_new_tokens` must be <= {limit}. Given: {max_new}")
             if max_new is None:
-                max_new = max(1, min(DEFAULT_MAX_NEW_TOKENS, self.max_total_tokens - len(ids)))
+                default = min(DEFAULT_MAX_NEW_TOKENS, limit or DEFAULT_MAX_NEW_TOKENS)
+                max_new = max(1, min(default, self.max_total_tokens - len(ids)))
             if len(ids) + max_new > self.max_total_tokens:
                 raise ValidationError(
                     f"`inputs` tokens + `max_new_tokens` must be <= {self.max_total_tokens}. "
@@ -652,7 +708,10 @@ class Batcher:
                 collected.append(item)
             for group in self.group(collected):
                 self._run_batch(group)
-        # drain anything accepted after the window closed (submit refuses once _STOP is queued)
+            if self._abort.is_set():
+                break
+        # drain anything accepted after the window closed (submit refuses once _STOP is queued);
+        # after an abort, _run_batch fails them without starting them
         leftovers = []
         while True:
             try:
@@ -691,6 +750,10 @@ class Batcher:
 
     def _run_batch(self, group: list[PendingGeneration]) -> None:
         """Run one group; any exception fails the group's unfinished requests, never the worker."""
+        if self._abort.is_set():
+            for p in group:
+                self._fail(p, Aborted(ABORTED_MESSAGE))
+            return
         started = time.perf_counter()
         first = group[0].request
         sampling = first.sampling

@@ -21,10 +21,19 @@ Routes (TGI's API; what `InferenceClient(base_url=URL).text_generation` sends is
 * `GET /info` (TGI's fields plus a `chameleon` object), `GET /health` (200 while the worker runs),
   `GET /metrics` (Prometheus text: the server's registry, then the plugin's).
 
-Errors use TGI's shape `{"error": "...", "error_type": "..."}`: 422 `validation` (bad or unsupported
-parameters, too many tokens, missing `inputs`), 400 for a body that is not JSON, 429 `overloaded`
-(too many requests in flight), 503 `overloaded` while shutting down, 500 `generation` when the batch
-failed. `return_full_text` defaults to false on every route.
+Errors use TGI's shape `{"error": "...", "error_type": "..."}`, never HTML, for every refusal: 422
+`validation` (bad or unsupported parameters, too many tokens, missing `inputs`), 400 for a body that is
+not strict JSON (NaN or Infinity, numbers out of a float's range, unpaired surrogate escapes, nesting
+deeper than MAX_JSON_DEPTH), 401 `unauthorized` without the API key, 404, 405 (with Allow), 429
+`overloaded` (too many requests in flight), 503 `overloaded` while shutting down, 503 `shutdown` for a
+request the shutdown's grace ran out on, 500 `generation` when the batch failed; the protocol layer's
+own (400, 408, 411, 413, 414, 431; see `chameleon_model_server.connections`). Values a client sent are
+clipped when an error or a log line repeats them. `return_full_text` defaults to false on every route.
+
+Shutdown (SIGTERM, or `ModelServer.shutdown(grace)`): new generations get 503 while the accepted ones
+finish; past the grace, each request still running ends with a 503 (a stream already started, with an
+`error_type: "shutdown"` event), the worker stops between two decoding steps and is joined, and the
+process exits normally: exiting while a thread runs inside torch would abort the interpreter.
 
 Not supported (422 when asked for): `best_of` > 1, `decoder_input_details`, `grammar`, `watermark`,
 a non-zero `frequency_penalty`, `adapter_id` (Chameleon chooses adapters per batch cluster).
@@ -40,12 +49,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hmac
 import json
 import logging
+import math
+import os
 import signal
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
@@ -63,10 +75,20 @@ from chameleon_model_server.batching import (
     TopToken,
     ValidationError,
 )
+from chameleon_model_server.connections import (
+    PooledHTTPServer,
+    PooledRequestHandler,
+    RequestError,
+    clip,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_JSON_DEPTH = 32  # TGI's request bodies nest 3 deep; deeper is an attack on the parser, not a request
+MAX_JSON_NUMBER = 100  # digits of an integer literal
+WORKER_STOP_S = 30.0  # after the grace: how long the worker may take to reach its next decoding step
+FLUSH_S = 5.0  # after the worker stopped: how long handlers get to write their last bytes
 ROUTER = "chameleon-tgi"
 
 
@@ -80,11 +102,64 @@ def _version() -> str:
 # -- request parsing ------------------------------------------------------------------------------
 
 
-class BadRequest(Exception):
-    def __init__(self, status: int, message: str, error_type: str = "validation") -> None:
-        super().__init__(message)
-        self.status = status
-        self.error_type = error_type
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {clip(text, 40)} is out of range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_NUMBER:
+        raise ValueError(f"integer literal of {len(text)} digits")
+    return int(text)
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON, strictly: UTF-8, no NaN or Infinity (Python's json accepts them, nothing
+    downstream can use them), numbers that fit a float, at most MAX_JSON_DEPTH levels of nesting, no
+    unpaired surrogate escapes (which no tokenizer can encode). RequestError(400) otherwise."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(
+            400, f"the request body is not UTF-8: {exc.reason} at byte {exc.start}", "validation"
+        ) from None
+    try:
+        value = json.loads(
+            text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_bounded_int
+        )
+    except RecursionError:
+        raise RequestError(400, "the request body nests too deeply", "validation") from None
+    except ValueError as exc:
+        message = f"Failed to parse the request body as JSON: {clip(str(exc))}"
+        raise RequestError(400, message, "validation") from None
+    _check_json(value)
+    return value
+
+
+def _check_json(value: Any) -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(
+                    400, "the request body holds an unpaired surrogate escape (\\ud800-\\udfff)", "validation"
+                ) from None
+        elif isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise RequestError(
+                    400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", "validation"
+                )
+            items = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in items)
 
 
 def _int(params: dict, name: str) -> int | None:
@@ -94,7 +169,7 @@ def _int(params: dict, name: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ValidationError(f"`{name}` must be an integer, got {value!r}")
+        raise ValidationError(f"`{name}` must be an integer, got {clip(value, 40)}")
     return value
 
 
@@ -103,8 +178,14 @@ def _float(params: dict, name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValidationError(f"`{name}` must be a number, got {value!r}")
-    return float(value)
+        raise ValidationError(f"`{name}` must be a number, got {clip(value, 40)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValidationError(f"`{name}` must be a finite number, got {clip(value, 40)}")
+    return number
 
 
 def _bool(params: dict, name: str) -> bool | None:
@@ -112,7 +193,7 @@ def _bool(params: dict, name: str) -> bool | None:
     if value is None:
         return None
     if not isinstance(value, bool):
-        raise ValidationError(f"`{name}` must be a boolean, got {value!r}")
+        raise ValidationError(f"`{name}` must be a boolean, got {clip(value, 40)}")
     return value
 
 
@@ -279,6 +360,8 @@ class ModelServer:
 
     `handle`: an `AdapterHandle` (`chameleon_torch.attach(...)`) or None to serve the base model.
     `port=0` binds a free port: read it from `.port` (or `.url`) after construction.
+    `api_key`: when set, every route but /health needs `Authorization: Bearer <api_key>` (else 401).
+    Connection limits and timeouts: see `chameleon_model_server.connections`.
     """
 
     def __init__(
@@ -295,14 +378,27 @@ class ModelServer:
         max_input_tokens: int | None = None,
         max_total_tokens: int | None = None,
         max_concurrent_requests: int = 128,
+        max_new_tokens_limit: int | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        backlog: int = 1024,
+        max_connections: int = 256,
+        read_timeout_s: float = 10.0,
+        idle_timeout_s: float = 5.0,
+        api_key: str | None = None,
         sidecar_address: str | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
+        if max_body_bytes < 1:
+            raise ValueError("max_body_bytes must be >= 1")
+        if api_key is not None and not api_key:
+            raise ValueError("api_key must not be empty")
         self.model_id = model_id
         self.handle = handle
         self.sidecar_address = sidecar_address
         if sidecar_address is None and handle is not None:
             self.sidecar_address = getattr(getattr(handle, "client", None), "address", None)
+        self.max_body_bytes = max_body_bytes
+        self._api_key = api_key.encode() if api_key else None
         self.registry = registry if registry is not None else CollectorRegistry()
         self.batcher = Batcher(
             model,
@@ -313,23 +409,32 @@ class ModelServer:
             max_input_tokens=max_input_tokens,
             max_total_tokens=max_total_tokens,
             max_concurrent_requests=max_concurrent_requests,
+            max_new_tokens_limit=max_new_tokens_limit,
             registry=self.registry,
         )
         self.http_requests = Counter(
             "chameleon_server_http_requests",
-            "HTTP requests, by route and status code",
+            "HTTP requests, by route (`other` for unknown paths) and status code",
             ["route", "code"],
             registry=self.registry,
         )
         param = _first_parameter(model)
         self.dtype = str(param.dtype) if param is not None else "unknown"
         self.device_type = param.device.type if param is not None else "cpu"
-        self.httpd = _HTTPServer((host, port), _Handler)
+        self.httpd = _HTTPServer(
+            (host, port),
+            _Handler,
+            backlog=backlog,
+            max_connections=max_connections,
+            read_timeout_s=read_timeout_s,
+            idle_timeout_s=idle_timeout_s,
+        )
         self.httpd.app = self
-        self._thread: threading.Thread | None = None
+        self._started = False
         self._active = 0
         self._active_lock = threading.Condition()
         self._stopped = False
+        self._hurry = threading.Event()
 
     # -- addresses
     @property
@@ -346,39 +451,59 @@ class ModelServer:
 
     # -- life cycle
     def start(self) -> ModelServer:
-        """Start the batcher and serve HTTP on a background thread; returns at once."""
+        """Start the batcher and serve HTTP on background threads; returns at once."""
         self.batcher.start()
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self.httpd.serve_forever,
-                kwargs={"poll_interval": 0.2},
-                name="chameleon-http",
-                daemon=True,
-            )
-            self._thread.start()
+        if not self._started:
+            self._started = True
+            self.httpd.start()
             log.info("listening on %s (model %s)", self.url, self.model_id)
         return self
 
-    def shutdown(self, grace: float = 30.0) -> bool:
-        """Refuse new generations (503), finish the accepted ones, then stop listening.
+    def hurry(self) -> None:
+        """End the grace of a running `shutdown` now (a second SIGTERM)."""
+        self._hurry.set()
 
-        Returns True when everything in flight finished within `grace` seconds.
-        """
+    def shutdown(self, grace: float = 30.0) -> bool:
+        """Refuse new generations (503), let the accepted ones finish for up to `grace` seconds, then end
+        the rest with 503 (or a stream's error event), stop the worker between two decoding steps and stop
+        listening. Returns True when everything in flight finished within the grace.
+
+        Returns only once the worker thread has left torch (see `worker_stopped`), so that the process
+        can exit normally: exiting while a thread runs inside torch aborts the interpreter."""
         if self._stopped:
             return True
         self._stopped = True
         deadline = time.monotonic() + grace
-        drained = self.batcher.close(timeout=grace)
-        with self._active_lock:  # let handlers write their last bytes
-            while self._active > 0 and time.monotonic() < deadline:
-                self._active_lock.wait(max(0.0, deadline - time.monotonic()))
+        self.httpd.begin_drain()
+        self.batcher.begin_shutdown()
+        drained = True
+        while not self.batcher.join(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline or self._hurry.is_set():
+                drained = False
+                break
+        if not drained:
+            left = self.batcher.in_flight
+            log.warning("grace of %.1f s over: ending %d requests still in flight with 503", grace, left)
+            self.batcher.abort()
+            if not self.batcher.join(WORKER_STOP_S):
+                log.error("the generation worker did not stop within %.0f s of the abort", WORKER_STOP_S)
+        # let handlers write their last bytes (answers, or the 503s of an abort)
+        flush_until = max(deadline, time.monotonic() + FLUSH_S) if drained else time.monotonic() + FLUSH_S
+        with self._active_lock:
+            while self._active > 0 and time.monotonic() < flush_until:
+                self._active_lock.wait(max(0.0, flush_until - time.monotonic()))
             drained = drained and self._active == 0
-        if self._thread is not None:
-            self.httpd.shutdown()
-            self._thread.join(5)
-        self.httpd.server_close()
+        if self._started:
+            self.httpd.close(FLUSH_S)
+        else:
+            self.httpd.server_close()
         log.info("stopped", extra={"drained": drained})
         return drained
+
+    @property
+    def worker_stopped(self) -> bool:
+        """The generation worker is not running (never started, or ended)."""
+        return not self.batcher.worker_running
 
     def __enter__(self) -> ModelServer:
         return self.start()
@@ -394,6 +519,15 @@ class ModelServer:
         with self._active_lock:
             self._active -= 1
             self._active_lock.notify_all()
+
+    def authorized(self, header: str | None) -> bool:
+        """Whether an Authorization header carries the API key (always, without a key)."""
+        if self._api_key is None:
+            return True
+        scheme, _, token = (header or "").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), self._api_key)
 
     # -- read-only views
     def info(self) -> dict[str, Any]:
@@ -457,19 +591,25 @@ def _first_parameter(model: Any) -> Any:
         return None
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _HTTPServer(PooledHTTPServer):
     app: ModelServer
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+# route -> the methods it answers (anything else: 405 with Allow)
+ROUTES: dict[str, tuple[str, ...]] = {
+    "/": ("POST",),
+    "/generate": ("POST",),
+    "/generate_stream": ("POST",),
+    "/health": ("GET", "HEAD"),
+    "/info": ("GET", "HEAD"),
+    "/metrics": ("GET", "HEAD"),
+}
+OPEN_ROUTES = frozenset({"/health"})  # answered without the API key (load balancers, probes)
+
+
+class _Handler(PooledRequestHandler):
     server_version = f"{ROUTER}/{_version()}"
     server: _HTTPServer
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
 
     @property
     def app(self) -> ModelServer:
@@ -477,114 +617,83 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- plumbing
     def _route(self) -> str:
-        path = self.path.split("?", 1)[0]
+        path = (self.path or "").split("?", 1)[0]
         return path.rstrip("/") or "/"
 
-    def _send(
-        self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
-    ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-        self.app.http_requests.labels(self._route(), str(status)).inc()
-
-    def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
-        self._send(status, json.dumps(payload).encode(), "application/json", headers)
-
-    def _error(self, status: int, message: str, error_type: str) -> None:
-        self._json(status, {"error": message, "error_type": error_type})
+    def on_response(self, status: int) -> None:
+        route = self._route()
+        self.app.http_requests.labels(route if route in ROUTES else "other", str(status)).inc()
 
     def _reject(self, status: int, message: str, error_type: str) -> None:
         """Refuse a generation request before it reaches the batcher (counted like the batcher's refusals)."""
         metrics = self.app.batcher.metrics
         metrics.errors.labels(error_type).inc()
         metrics.requests.labels("rejected").inc()
-        self._error(status, message, error_type)
+        self.respond_error(status, message, error_type)
 
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            chunks, total = [], 0
-            while True:
-                size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
-                    break
-                total += size
-                if total > MAX_BODY_BYTES:
-                    self.close_connection = True
-                    raise BadRequest(413, f"request body above {MAX_BODY_BYTES} bytes")
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-            return b"".join(chunks)
-        length = int(self.headers.get("Content-Length") or 0)
-        if length < 0:
-            raise ValueError("negative Content-Length")
-        if length > MAX_BODY_BYTES:
+    def dispatch(self) -> None:
+        route = self._route()
+        allowed = ROUTES.get(route)
+        try:
+            if route not in OPEN_ROUTES and not self.app.authorized(self.headers.get("Authorization")):
+                self.close_connection = True
+                self.respond_error(
+                    401, "missing or wrong API key (Authorization: Bearer ...)", "unauthorized",
+                    {"WWW-Authenticate": "Bearer"},
+                )  # fmt: skip
+            elif allowed is None:
+                self.respond_error(404, f"no route {clip(self.command)} {clip(route)}", "not_found")
+            elif self.command not in allowed:
+                self.respond_error(
+                    405, f"{clip(self.command)} is not allowed on {route}", "method_not_allowed",
+                    {"Allow": ", ".join(allowed)},
+                )  # fmt: skip
+            elif self.command == "POST":
+                self._do_post(route)
+            else:
+                self._do_get(route)
+        except OSError:  # the client went away, or stopped reading
             self.close_connection = True
-            raise BadRequest(413, f"request body above {MAX_BODY_BYTES} bytes")
-        return self.rfile.read(length) if length else b""
 
     # -- GET
-    def do_GET(self) -> None:
-        route = self._route()
-        try:
-            if route == "/health":
-                if self.app.batcher.is_alive():
-                    self._send(200, b"", "text/plain")
-                else:
-                    self._error(503, "the generation worker is not running", "overloaded")
-            elif route == "/info":
-                self._json(200, self.app.info())
-            elif route == "/metrics":
-                self._send(200, self.app.metrics_text(), CONTENT_TYPE_LATEST)
+    def _do_get(self, route: str) -> None:
+        if route == "/health":
+            if self.app.batcher.is_alive():
+                self.respond(200, b"", "text/plain")
             else:
-                self._error(404, f"no route GET {route}", "not_found")
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-
-    do_HEAD = do_GET
+                self.respond_error(503, "the generation worker is not running", "overloaded")
+        elif route == "/info":
+            self.respond_json(200, self.app.info())
+        else:
+            self.respond(200, self.app.metrics_text(), CONTENT_TYPE_LATEST)
 
     # -- POST
-    def do_POST(self) -> None:
-        route = self._route()
+    def _do_post(self, route: str) -> None:
         self.app._enter()
         try:
             self._post(route)
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:
             self.close_connection = True
         except Exception:  # never let a bug kill the connection silently
-            log.exception("unexpected error on POST %s", route)
+            log.exception("unexpected error on POST %s", clip(route))
             self.close_connection = True
             with contextlib.suppress(OSError):
-                self._error(500, "internal server error", "generation")
+                self.respond_error(500, "internal server error", "generation")
         finally:
             self.app._leave()
 
     def _post(self, route: str) -> None:
         try:
-            raw = self._read_body()
-        except BadRequest as exc:
-            self._error(exc.status, str(exc), exc.error_type)
-            return
-        except ValueError:
-            self.close_connection = True
-            self._error(400, "malformed request body framing (Content-Length or chunks)", "validation")
-            return
-        if route not in ("/", "/generate", "/generate_stream"):
-            self._error(404, f"no route POST {route}", "not_found")
+            raw = self.read_body(self.app.max_body_bytes)
+        except RequestError as exc:
+            if exc.close:
+                self.close_connection = True
+            self.respond_error(exc.status, str(exc), exc.error_type)
             return
         try:
-            body = json.loads(raw.decode("utf-8")) if raw else None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            self._reject(400, f"Failed to parse the request body as JSON: {exc}", "validation")
+            body = parse_json(raw) if raw else None
+        except RequestError as exc:
+            self._reject(exc.status, str(exc), exc.error_type)
             return
         if body is None:
             self._reject(422, "the request body must be a JSON object with `inputs`", "validation")
@@ -604,7 +713,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             pending = self.app.batcher.submit(request)  # counts its own refusals
         except BatcherError as exc:
-            self._error(exc.status, str(exc), exc.error_type)
+            self.respond_error(exc.status, str(exc), exc.error_type)
             return
         if stream:
             self._stream(pending, details)
@@ -615,50 +724,86 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             result = pending.result()
         except BatcherError as exc:
-            self._error(exc.status, str(exc), exc.error_type)
+            self.respond_error(exc.status, str(exc), exc.error_type)
             return
         body: Any = generate_response(result, details)
         if as_list:
             body = [body]
-        self._json(200, body, _result_headers(result, self.app.device_type))
+        self.respond_json(200, body, _result_headers(result, self.app.device_type))
 
     def _stream(self, pending: PendingGeneration, details: bool) -> None:
+        chunked = self.request_version == "HTTP/1.1"  # an HTTP/1.0 client reads until the connection closes
+        if not chunked or self.server.draining:
+            self.close_connection = True
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.send_header("x-accel-buffering", "no")
         self.send_header("x-compute-type", self.app.device_type)
         self.end_headers()
-        self.wfile.flush()
-        status = "200"
+        write = self._chunk if chunked else self.wfile.write
+        status = 200
         try:
             try:
                 for event in pending:
-                    self._chunk(b"data:" + json.dumps(stream_event(event, details)).encode() + b"\n\n")
+                    write(b"data:" + json.dumps(stream_event(event, details)).encode() + b"\n\n")
             except BatcherError as exc:
-                status = str(exc.status)
-                self._chunk(
-                    b"data:"
-                    + json.dumps({"error": str(exc), "error_type": exc.error_type}).encode()
-                    + b"\n\n"
-                )
-            self._chunk(b"")  # end of the chunked body
-        except (BrokenPipeError, ConnectionResetError):
+                status = exc.status
+                error = {"error": clip(str(exc), 800), "error_type": exc.error_type}
+                write(b"data:" + json.dumps(error).encode() + b"\n\n")
+            if chunked:
+                self._chunk(b"")  # end of the chunked body
+        except OSError:  # gone, reset, or not reading within the write timeout
             pending.cancel()
             self.close_connection = True
-            status = "499"
+            status = 499
             log.info("client went away during a stream; its row stops at the next step")
-        self.app.http_requests.labels(self._route(), status).inc()
+        self.on_response(status)
 
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-        self.wfile.flush()
 
 
 # -- command line ---------------------------------------------------------------------------------
 
 _DTYPES = ("float32", "bfloat16", "float16")
+API_KEY_ENV = "CHAMELEON_API_KEY_FILE"
+# ClientSecurity field -> its serve-model flag (the CHAMELEON_* variables are the defaults)
+SIDECAR_SECURITY_FLAGS = {
+    "ca_file": "--sidecar-tls-ca",
+    "cert_file": "--sidecar-tls-cert",
+    "key_file": "--sidecar-tls-key",
+    "token_file": "--sidecar-token-file",
+    "server_name": "--sidecar-tls-server-name",
+}
+SIDECAR_SECURITY_ENV = {
+    "ca_file": "CHAMELEON_TLS_CA",
+    "cert_file": "CHAMELEON_TLS_CERT",
+    "key_file": "CHAMELEON_TLS_KEY",
+    "token_file": "CHAMELEON_AUTH_TOKEN_FILE",
+    "server_name": "CHAMELEON_TLS_SERVER_NAME",
+}
+
+
+def _positive(kind: type, zero: bool = False) -> Any:
+    """An argparse type: a finite number > 0 (>= 0 with `zero`); NaN would make a deadline never pass."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            wanted = "non-negative" if zero else "positive"
+            raise argparse.ArgumentTypeError(f"expected a {wanted} {kind.__name__}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -683,7 +828,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-total-tokens", type=int, default=None, help="default: the model's max_position_embeddings"
     )
-    p.add_argument("--max-concurrent-requests", type=int, default=128, help="more are answered 429")
+    p.add_argument(
+        "--max-new-tokens-limit",
+        type=_positive(int),
+        default=None,
+        help="largest max_new_tokens a request may ask for (422 above; default: only --max-total-tokens "
+        "bounds it)",
+    )
+    p.add_argument(
+        "--max-concurrent-requests", type=_positive(int), default=128, help="more are answered 429"
+    )
     p.add_argument("--dtype", choices=_DTYPES, default="float32")
     p.add_argument(
         "--no-weights-check",
@@ -693,21 +847,140 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu")
     p.add_argument(
-        "--grace", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM"
+        "--grace",
+        type=_positive(float, zero=True),
+        default=30.0,
+        help="seconds to finish in-flight requests on SIGTERM; then they end with 503 (a second SIGTERM "
+        "ends the grace at once)",
+    )
+
+    http = p.add_argument_group("HTTP connections")
+    http.add_argument(
+        "--backlog",
+        type=_positive(int),
+        default=1024,
+        help="listen backlog: connections waiting for a worker",
+    )
+    http.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=256,
+        help="connections served at once (one thread each); more wait in the backlog",
+    )
+    http.add_argument(
+        "--read-timeout-s",
+        type=_positive(float),
+        default=10.0,
+        help="time to send the request line and headers, and again the body (408 after it)",
+    )
+    http.add_argument(
+        "--idle-timeout-s",
+        type=_positive(float),
+        default=5.0,
+        help="how long a connection may wait before its next request",
+    )
+    http.add_argument(
+        "--max-body-bytes", type=_positive(int), default=MAX_BODY_BYTES, help="larger bodies are answered 413"
+    )
+    http.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="FILE",
+        help=f"file holding an API key that every route but /health requires as 'Authorization: Bearer "
+        f"<key>' (default: ${API_KEY_ENV}; never put the key itself on the command line)",
+    )
+
+    sidecar = p.add_argument_group(
+        "sidecar security",
+        "TLS, mutual TLS and a bearer token towards --sidecar; each defaults to its variable",
+    )
+    sidecar.add_argument(
+        "--sidecar-tls-ca",
+        metavar="FILE",
+        help="PEM CA of the sidecar's certificate: TLS on ($CHAMELEON_TLS_CA)",
+    )
+    sidecar.add_argument(
+        "--sidecar-tls-cert", metavar="FILE", help="PEM client certificate, mutual TLS ($CHAMELEON_TLS_CERT)"
+    )
+    sidecar.add_argument(
+        "--sidecar-tls-key", metavar="FILE", help="PEM key of --sidecar-tls-cert ($CHAMELEON_TLS_KEY)"
+    )
+    sidecar.add_argument(
+        "--sidecar-token-file",
+        metavar="FILE",
+        help="file holding the sidecar's bearer token ($CHAMELEON_AUTH_TOKEN_FILE)",
+    )
+    sidecar.add_argument(
+        "--sidecar-tls-server-name",
+        metavar="NAME",
+        help="TLS name to verify instead of the host ($CHAMELEON_TLS_SERVER_NAME)",
     )
     p.add_argument("--log-level", default="info")
     p.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
     return p
 
 
-def _attach(model: Any, tokenizer: Any, address: str, deadline_s: float, check_weights: bool = True) -> Any:
+def read_api_key(path: str) -> str:
+    """The API key in `path` (surrounding whitespace removed); ValueError when unreadable, empty or not one
+    printable ASCII token."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ValueError(f"API key file {path!r}: {exc.strerror or exc}") from exc
+    try:
+        key = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"API key file {path!r} is not ASCII") from None
+    if not key or any(not c.isprintable() or c.isspace() for c in key):
+        raise ValueError(f"API key file {path!r} must hold one key (no whitespace inside)")
+    return key
+
+
+def sidecar_security(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Any:
+    """The `ClientSecurity` towards the sidecar from the --sidecar-* flags, each defaulting to its
+    CHAMELEON_* variable; None when nothing is set. ValueError names the flag or variable at fault."""
+    from adapter_service.client import ClientSecurity
+
+    flags = {
+        field: getattr(args, flag[2:].replace("-", "_")) for field, flag in SIDECAR_SECURITY_FLAGS.items()
+    }
+    if all(value is None for value in flags.values()):
+        security = ClientSecurity.from_env(environ)  # its errors name the variables
+    else:
+        values = {
+            field: flag
+            if flag is not None
+            else (environ.get(SIDECAR_SECURITY_ENV[field]) or "").strip() or None
+            for field, flag in flags.items()
+        }
+        try:
+            security = ClientSecurity(**values)
+        except ValueError as exc:  # its errors name the fields: name the flags and variables instead
+            message = str(exc)
+            for field, flag in SIDECAR_SECURITY_FLAGS.items():
+                message = message.replace(field, f"{flag} (or ${SIDECAR_SECURITY_ENV[field]})")
+            raise ValueError(message) from None
+    if all(getattr(security, field) is None for field in SIDECAR_SECURITY_FLAGS):
+        return None
+    return security
+
+
+def _attach(
+    model: Any,
+    tokenizer: Any,
+    address: str,
+    deadline_s: float,
+    check_weights: bool = True,
+    security: Any = None,
+) -> Any:
     """Attach the plugin; returns None (base model) when that is impossible for a reason other than a
     model/artifact mismatch, which raises."""
     from adapter_service.client import AdapterClient
     from chameleon_torch import ManifestMismatch, PluginConfig, attach
 
     try:
-        client = AdapterClient(address, timeout=deadline_s)
+        client = AdapterClient(address, timeout=deadline_s, security=security)
         config = PluginConfig(deadline_s=deadline_s, check_weights=check_weights)
         return attach(model, client, config, tokenizer=tokenizer)
     except ManifestMismatch:
@@ -726,6 +999,21 @@ def main(argv: list[str] | None = None) -> int:
     from adapter_service.core import logs
 
     logs.configure(args.log_level, json_format=not args.plain_logs)
+
+    api_key = None
+    key_file = args.api_key_file or os.environ.get(API_KEY_ENV) or None
+    security = None
+    try:
+        if key_file:
+            api_key = read_api_key(key_file)
+        if args.sidecar:
+            security = sidecar_security(args)
+            if security is not None:
+                security.warn_if_exposed(args.sidecar)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+
     import torch
 
     from adapter_service.models.loading import load_causal_lm
@@ -744,7 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             handle = _attach(
-                model, tokenizer, args.sidecar, args.deadline_ms / 1000.0, not args.no_weights_check
+                model, tokenizer, args.sidecar, args.deadline_ms / 1000.0, not args.no_weights_check, security
             )
         except ManifestMismatch as exc:
             log.error("%s", exc)
@@ -762,6 +1050,13 @@ def main(argv: list[str] | None = None) -> int:
             max_input_tokens=args.max_input_tokens,
             max_total_tokens=args.max_total_tokens,
             max_concurrent_requests=args.max_concurrent_requests,
+            max_new_tokens_limit=args.max_new_tokens_limit,
+            max_body_bytes=args.max_body_bytes,
+            backlog=args.backlog,
+            max_connections=args.max_connections,
+            read_timeout_s=args.read_timeout_s,
+            idle_timeout_s=args.idle_timeout_s,
+            api_key=api_key,
             sidecar_address=args.sidecar,
         )
     except (OSError, ValueError) as exc:
@@ -771,6 +1066,10 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            log.info("received %s again; ending the grace now", signal.Signals(signum).name)
+            server.hurry()
+            return
         log.info("received %s; shutting down", signal.Signals(signum).name)
         stop.set()
 
@@ -785,12 +1084,18 @@ def main(argv: list[str] | None = None) -> int:
                 break
         drained = server.shutdown(args.grace)
         if not drained:
-            log.warning("requests still in flight after %.0f s of grace were dropped", args.grace)
+            log.warning("requests still in flight after %.1f s of grace were ended with 503", args.grace)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if handle is not None:
             handle.detach()
+    if not server.worker_stopped:
+        # Returning would run the interpreter's exit while the worker is inside torch, which aborts the
+        # process (SIGABRT, "terminate called without an active exception"): leave without it.
+        log.error("the generation worker is still inside the model; exiting without interpreter clean-up")
+        logging.shutdown()
+        os._exit(1)
     return 1 if crashed else 0
 
 

@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from adapter_service.client.credentials import ClientSecurity
 from adapter_service.client.settings import common_settings, parse_policy, positive
 from adapter_service.core.clustering import AutoK, ClusteringPolicy
 
@@ -25,6 +26,10 @@ class TGIPluginConfig:
     check_weights: bool = True  # CHAMELEON_CHECK_WEIGHTS: compare the embedding hash with the artifact's
     metrics_port: int | None = None  # CHAMELEON_METRICS_PORT: serve the plugin's Prometheus metrics
     allow_untested: bool = False  # CHAMELEON_TGI_ALLOW_UNTESTED: start on TGI sources other than 3.3.7
+    # CHAMELEON_TLS_CA, CHAMELEON_TLS_CERT, CHAMELEON_TLS_KEY, CHAMELEON_AUTH_TOKEN_FILE,
+    # CHAMELEON_TLS_SERVER_NAME: TLS, mTLS and the bearer token towards the sidecar.
+    security: ClientSecurity | None = None
+    audit_log: str | None = None  # CHAMELEON_AUDIT_LOG: JSON lines, one per prefill with new requests
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> TGIPluginConfig:

@@ -12,7 +12,11 @@ Wrapped into TGI by patch.py (TGI_INTERNALS.md, section 5, design 1):
 - `FlashCausalLMBatch.filter` and a finished batch release requests; batch objects that disappear any
   other way (ClearCache) are released when collected.
 Any sidecar failure or plugin error sends the new requests to the identity adapter (the base model's
-output, in the same single rank group: risk 4) and counts the reason; generation never fails for it.
+output, in the same single rank group: risk 4) and counts the reason (logged once per change of reason);
+generation never fails for it. After the client's connection was lost, the manifest is checked again
+before the next Adapt call (a sidecar restarted on another artifact). With CHAMELEON_AUDIT_LOG, each
+prefill with new requests writes one JSON line: each request's adapter key or "base" and why, and each
+adapter's ||s B A||_F / ||W||_F.
 """
 
 from __future__ import annotations
@@ -29,7 +33,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from adapter_service.client import AdapterClient, AdapterServiceError, InvalidResponse, ServiceManifest
-from adapter_service.client.fallback import Fallback, ManifestMismatch, ensure_manifest, sidecar_fallback
+from adapter_service.client.audit import AuditLog, relative_norm
+from adapter_service.client.audit import row as audit_row
+from adapter_service.client.fallback import (
+    Fallback,
+    FallbackLog,
+    ManifestMismatch,
+    ManifestWatch,
+    sidecar_fallback,
+)
 from adapter_service.core import codec
 from adapter_service.models.spec import weights_problem
 from adapter_service.models.statistics import MEAN_INPUT_EMBEDDING, prompts_mean_input_embedding
@@ -154,6 +166,20 @@ def check_fit(
     return plan
 
 
+def _weight_sq(module: Any, layer_type: str) -> float | None:
+    """||W||_F^2 of one sub-projection of a TGI LoRA wrapper (its rows of a fused weight); None when
+    unreadable (quantized)."""
+    weight = getattr(getattr(getattr(module, "base_layer", None), "linear", None), "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        return None
+    layer_names, sizes = getattr(module, "layer_names", None), getattr(module, "sizes", None)
+    if sizes is not None and layer_names is not None and layer_type in layer_names:
+        index = layer_names.index(layer_type)
+        start = sum(sizes[:index])
+        weight = weight[start : start + sizes[index]]
+    return float(weight.detach().float().square().sum())
+
+
 def _lora_shape(module: Any, layer_type: str) -> tuple[int, int] | None:
     """(d_in, d_out) of one sub-projection of a TGI LoRA wrapper; None when unreadable (quantized)."""
     weight = getattr(getattr(getattr(module, "base_layer", None), "linear", None), "weight", None)
@@ -191,8 +217,15 @@ class ChameleonTGI:
             config.cache_bytes,
             on_change=lambda slots: self.metrics.slots.set(len(slots)),
         )
-        self.client = client or AdapterClient(config.sidecar, timeout=config.deadline_s)
+        self.client = client or AdapterClient(
+            config.sidecar, timeout=config.deadline_s, security=config.security
+        )
         self.manifest: ServiceManifest | None = None
+        self._watch = ManifestWatch(self.client)
+        self._log = FallbackLog(log)
+        self.audit = AuditLog(config.audit_log) if config.audit_log else None
+        self._weight_sq: dict[str, float | None] = {}  # target -> ||W||_F^2 (audit only)
+        self._norms: dict[str, dict[str, Any]] = {}  # adapter key -> audit norms
         self.plan: dict[str, LayerTypeShape] = {}
         self.identity_key: str | None = None
         self.warming = False
@@ -222,6 +255,8 @@ class ChameleonTGI:
         plan = check_fit(self.model, self.embedding, manifest, self.names, self.config.check_weights)
         old_identity = self.identity_key
         self.manifest, self.plan = manifest, plan
+        self._norms = {}
+        self._weight_sq = self._target_weights(manifest) if self.audit is not None else {}
         self.slots.forget_unregistered()
         key = f"identity-{manifest.artifact_id}"
         lists = identity_lists(
@@ -239,14 +274,17 @@ class ChameleonTGI:
         )
 
     def _ensure_manifest(self, artifact_id: str | None = None) -> None:
-        ensure_manifest(
-            self.client,
-            self.manifest,
-            artifact_id,
-            self.config.deadline_s,
-            self._install_manifest,
-            self._forget,
+        self._watch.ensure(
+            self.manifest, artifact_id, self.config.deadline_s, self._install_manifest, self._forget
         )
+
+    def _target_weights(self, manifest: ServiceManifest) -> dict[str, float | None]:
+        lookup = self.names.build_layer_weight_lookup(self.model.model)
+        by_name = {weight_name: (key, module) for key, (weight_name, module) in lookup.items()}
+        return {
+            name: _weight_sq(by_name[name][1], by_name[name][0][1]) if name in by_name else None
+            for name, _, _ in manifest.targets
+        }
 
     def _forget(self) -> None:
         self.manifest = None
@@ -314,27 +352,40 @@ class ChameleonTGI:
             return
         adapters = self.adapter_to_index()
         managed, opted_out = [], []
+        audit: dict[int, dict[str, Any]] = {}  # request id -> audit row
         for i, request in new:
             adapter_id = request.adapter_id
             if adapter_id == self.names.BASE_MODEL_ADAPTER_ID:
                 opted_out.append(request)
+                audit[request.id] = audit_row(request.id, None, "opted_out")
             elif adapter_id and not adapter_id.startswith(NAME_PREFIX) and adapter_id in adapters:
                 self.slots.track(request.id)  # a static LORA_ADAPTERS adapter the client chose: kept
                 self.metrics.requests.labels("static").inc()
+                audit[request.id] = audit_row(request.id, adapter_id, "static")
             else:
                 managed.append((i, request))
         chosen: list[tuple[Any, Prepared]] | None = None
+        reason = None
         if managed:
             started = time.perf_counter()
             try:
                 chosen = self._adapt(batch, managed)
                 self.metrics.batches.labels("adapted").inc()
+                self._log.adapted()
             except Fallback as exc:
+                reason = exc.reason
                 self._count_fallback(exc.reason, exc.detail)
             except Exception as exc:  # a bug here must not fail generation
+                reason = "plugin_error"
                 log.exception("chameleon plugin error; these requests run on the base model")
                 self._count_fallback("plugin_error", f"{type(exc).__name__}: {exc}")
             self.metrics.prepare_seconds.observe(time.perf_counter() - started)
+        for _, request in managed:
+            audit[request.id] = audit_row(request.id, None, reason)
+        for request, prepared in chosen or ():
+            audit[request.id] = audit_row(request.id, prepared.key)
+        if self.audit is not None:
+            self._write_audit([audit[request.id] for _, request in new])
         try:
             for request, prepared in chosen or ():
                 request.adapter_id = self.slots.assign(request.id, prepared)
@@ -349,6 +400,38 @@ class ChameleonTGI:
             for _, request in new:
                 if request.id not in self.slots:
                     self._to_base(request, managed=request.adapter_id != self.names.BASE_MODEL_ADAPTER_ID)
+
+    def _write_audit(self, rows: list[dict[str, Any]]) -> None:
+        try:
+            manifest = self.manifest
+            used = {r["adapter"] for r in rows}
+            self.audit.write(
+                artifact_id=manifest.artifact_id if manifest else None,
+                artifact_sha256=manifest.artifact_sha256 if manifest else None,
+                rows=rows,
+                adapters={key: self._norms[key] for key in used if key in self._norms},
+            )
+        except Exception:
+            log.exception("chameleon: could not write the audit record")
+
+    def _remember_norms(self, key: str, modules: dict[str, tuple[torch.Tensor, torch.Tensor]], s: float):
+        """||s B A||_F / ||W||_F of one adapter from r x r Gram matrices (as chameleon_torch does)."""
+        delta_sq = {}
+        for name, (a, b) in modules.items():
+            a, b = a.float(), b.float()
+            delta_sq[name] = float(((a @ a.t()) * (b.t() @ b)).sum()) * s * s
+        known = {n: w for n, w in self._weight_sq.items() if w and n in delta_sq}
+        norms: dict[str, Any] = {"delta_norm": None}
+        if known:
+            worst = max(known, key=lambda n: delta_sq[n] / known[n])
+            norms = {
+                "delta_norm": relative_norm(sum(delta_sq[n] for n in known), sum(known.values())),
+                "max_module": worst,
+                "max_module_delta_norm": relative_norm(delta_sq[worst], known[worst]),
+            }
+        self._norms[key] = norms
+        while len(self._norms) > 4096:
+            del self._norms[next(iter(self._norms))]
 
     def _to_base(self, request: Any, managed: bool) -> None:
         """The identity adapter when there is one (one rank group for the batch), else TGI's base model."""
@@ -403,6 +486,8 @@ class ChameleonTGI:
             self.metrics.adapters.labels("cache").inc()
             return cached
         modules = {name: (codec.to_torch(d.a), codec.to_torch(d.b)) for name, d in cluster.modules.items()}
+        if self.audit is not None:
+            self._remember_norms(cluster.key, modules, manifest.scaling)
         weight = self.weight
         lists = layer_type_lists(
             modules, self.plan, self.num_layers, manifest.scaling, device=weight.device, dtype=weight.dtype
@@ -438,9 +523,7 @@ class ChameleonTGI:
     def _count_fallback(self, reason: str, detail: str) -> None:
         self.metrics.batches.labels("fallback").inc()
         self.metrics.fallbacks.labels(reason).inc()
-        log.warning(
-            f"chameleon adapters unavailable for this batch ({reason}); running the base model: {detail}"
-        )
+        self._log.fallback(reason, detail)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False)

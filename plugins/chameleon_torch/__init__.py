@@ -5,6 +5,10 @@
         model.generate(input_ids=input_ids, attention_mask=attention_mask, ...)
     handle.detach()
 
+TLS, mTLS and the bearer token are the client's: `AdapterClient(address, security=ClientSecurity(...))`
+(or `ClientSecurity.from_env()`, the CHAMELEON_TLS_* and CHAMELEON_AUTH_TOKEN_FILE variables the engine
+plugins read).
+
 Talks to the adapter service only through `adapter_service.client`, `adapter_service.core` and the
 torch-side `adapter_service.models`; never imports the service itself.
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from adapter_service.core.clustering import ClusteringPolicy
@@ -25,3 +26,18 @@ class PluginConfig:
     # A mixture's compact form (bases once, weights per cluster; applied at the cost of one adapter).
     # None: whenever the sidecar offers it; False: whole adapters per cluster (for comparisons).
     compact: bool | None = None
+    # Drift guard: at prefill, a row whose adapter delta at any target module is non-finite, or larger
+    # than this many times the module's base output (Frobenius norms over the row's prompt tokens), is
+    # served on the base model for the rest of the batch and counted. Trained adapters stay well below
+    # (the demo artifact on SmolLM2: 0.5-0.75 on 16-token prompts, at most 1.9 on one-token prompts); a
+    # broken or overflowing artifact lands orders of magnitude above. None: no ratio bound (non-finite
+    # deltas are always guarded).
+    max_delta_ratio: float | None = 4.0
+    # JSON lines, one per batch: artifact, each row's adapter key or "base" and why, each adapter's
+    # ||s B A||_F / ||W||_F (adapter_service.client.audit). None: no audit.
+    audit_log: str | os.PathLike[str] | None = None
+
+    def __post_init__(self) -> None:
+        ratio = self.max_delta_ratio
+        if ratio is not None and not ratio > 0:
+            raise ValueError(f"max_delta_ratio: expected a positive number or None, got {ratio!r}")

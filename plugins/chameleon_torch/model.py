@@ -6,16 +6,22 @@ installs the per-cluster factors on the model's device, and the hooks apply each
 prefill and every decode step. A mixture artifact answers in the compact form: the plugin then keeps its
 bases once and applies every row's weights through the row mask, so per-request adapters cost what one
 adapter costs. Whatever goes wrong on the sidecar's side, the batch runs on the
-base model, a warning is logged and a metric counts the reason: generation never fails because of it.
+base model, a warning is logged (once per change of reason) and a metric counts the reason: generation
+never fails because of it. After the client's connection was lost, the manifest is fetched again before
+the next adapted batch, so a sidecar restarted on another artifact is checked as at attach. The drift
+guard (layer.RowGuard) serves single rows on the base model when their adapter misbehaves, and the
+optional audit log records per batch which adapter served each row.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +36,15 @@ from adapter_service.client import (
     InvalidResponse,
     ServiceManifest,
 )
-from adapter_service.client.fallback import Fallback, ManifestMismatch, ensure_manifest, sidecar_fallback
+from adapter_service.client.audit import AuditLog, relative_norm
+from adapter_service.client.audit import row as audit_row
+from adapter_service.client.fallback import (
+    Fallback,
+    FallbackLog,
+    ManifestMismatch,
+    ManifestWatch,
+    sidecar_fallback,
+)
 from adapter_service.core import codec
 from adapter_service.core.clustering import AutoK, ClusteringPolicy, FixedK, PerRequest
 from adapter_service.core.compact import column_weights
@@ -43,7 +57,7 @@ from adapter_service.models.statistics import (
 )
 from chameleon_torch.cache import AdapterCache
 from chameleon_torch.config import PluginConfig
-from chameleon_torch.layer import BatchBank, HookedModel, lora_factors
+from chameleon_torch.layer import BatchBank, HookedModel, RowGuard, lora_factors
 from chameleon_torch.metrics import PluginMetrics
 
 log = logging.getLogger("chameleon_torch")
@@ -59,6 +73,9 @@ class BatchAdaptation:
     k: int = 0
     keys: tuple[str, ...] = ()
     seconds: float = 0.0  # statistic + sidecar + install
+    # Rows the drift guard served on the base model: row -> "non_finite" | "delta_ratio". Filled when
+    # the `with` block ends (the guard looks at the prefill run inside it).
+    guarded: dict[int, str] = dataclasses.field(default_factory=dict)
 
 
 def check_model(
@@ -134,6 +151,12 @@ class AdapterHandle:
         self._hooks: HookedModel | None = None
         self._lock = threading.Lock()
         self._detached = False
+        self._watch = ManifestWatch(client)
+        self._log = FallbackLog(log)
+        self.audit = AuditLog(config.audit_log) if config.audit_log is not None else None
+        self._norms: OrderedDict[str, dict[str, Any]] = OrderedDict()  # adapter key -> audit norms
+        self._weight_sq: dict[str, float] = {}  # target -> ||W||_F^2, for the audit
+        self._guarded_keys: OrderedDict[str, str] = OrderedDict()  # adapters the guard warned about
 
     # -- manifest ---------------------------------------------------------------------------------
     def _install_manifest(self, manifest: ServiceManifest) -> None:
@@ -142,6 +165,8 @@ class AdapterHandle:
             self._hooks.remove()
         self.manifest = manifest
         self.cache.clear()
+        self._norms.clear()
+        self._weight_sq = {}
         self._hooks = HookedModel(self.model, [name for name, _, _ in manifest.targets])
         log.info(
             "attached",
@@ -153,13 +178,8 @@ class AdapterHandle:
         )
 
     def _ensure_manifest(self, artifact_id: str | None = None) -> None:
-        ensure_manifest(
-            self.client,
-            self.manifest,
-            artifact_id,
-            self.config.deadline_s,
-            self._install_manifest,
-            self._forget,
+        self._watch.ensure(
+            self.manifest, artifact_id, self.config.deadline_s, self._install_manifest, self._forget
         )
 
     def _forget(self) -> None:
@@ -171,23 +191,30 @@ class AdapterHandle:
     # -- per batch --------------------------------------------------------------------------------
     @contextlib.contextmanager
     def adapt(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        request_ids: Sequence[str] | None = None,
     ) -> Iterator[BatchAdaptation]:
-        """Apply each row's cluster adapter to everything the model runs inside the block."""
+        """Apply each row's cluster adapter to everything the model runs inside the block.
+
+        `request_ids` (one per row) go to the sidecar and the audit log (which otherwise names rows by
+        index)."""
         if self._detached:
             raise RuntimeError("this handle was detached; attach the model again")
+        if request_ids is not None and len(request_ids) != input_ids.shape[0]:
+            raise ValueError(f"request_ids: {len(request_ids)} ids for {input_ids.shape[0]} rows")
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("adapt() is already active for this model; run one batch at a time")
         result = BatchAdaptation()
+        bank = None
         try:
             started = time.perf_counter()
             try:
-                bank = self._prepare(input_ids, attention_mask, result)
+                bank = self._prepare(input_ids, attention_mask, result, request_ids)
             except Fallback as exc:
-                bank = None
                 self._count_fallback(result, exc.reason, exc.detail)
             except Exception as exc:  # never let a plugin bug fail a generation
-                bank = None
                 log.exception("chameleon plugin error; running the base model")
                 self._count_fallback(result, "plugin_error", f"{type(exc).__name__}: {exc}")
             result.seconds = time.perf_counter() - started
@@ -195,17 +222,77 @@ class AdapterHandle:
             if bank is not None:
                 result.adapted = True
                 self.metrics.batches.labels("adapted").inc()
+                self._log.adapted()
                 self._hooks.bank = bank
             try:
                 yield result
             finally:
                 if self._hooks is not None:
                     self._hooks.bank = None
+                self._finish(bank, result, input_ids.shape[0], request_ids)
         finally:
             self._lock.release()
 
+    def _finish(
+        self,
+        bank: BatchBank | None,
+        result: BatchAdaptation,
+        rows: int,
+        request_ids: Sequence[str] | None,
+    ) -> None:
+        """After the block: count the rows the guard flagged, write the audit line. Never raises."""
+        try:
+            if bank is not None and bank.guard is not None:
+                result.guarded = bank.guard.flagged()
+                for reason in result.guarded.values():
+                    self.metrics.guarded_rows.labels(reason).inc()
+                self._log_guarded(result)
+            if self.audit is not None:
+                self._write_audit(result, rows, request_ids)
+        except Exception:
+            log.exception("chameleon: could not account for a finished batch")
+
+    def _log_guarded(self, result: BatchAdaptation) -> None:
+        """A warning the first time an adapter is guarded (a cached bad adapter would repeat every
+        batch); the counter has every row."""
+        for row, reason in result.guarded.items():
+            key = result.keys[int(result.assignments[row])]
+            if key in self._guarded_keys:
+                continue
+            self._guarded_keys[key] = reason
+            while len(self._guarded_keys) > 4096:
+                self._guarded_keys.popitem(last=False)
+            log.warning(
+                f"chameleon drift guard: adapter {key} served on the base model ({reason})",
+                extra={"adapter": key, "reason": reason, "max_delta_ratio": self.config.max_delta_ratio},
+            )
+
+    def _write_audit(self, result: BatchAdaptation, rows: int, request_ids: Sequence[str] | None) -> None:
+        names = list(request_ids) if request_ids is not None else list(range(rows))
+        entries = []
+        for i, name in enumerate(names):
+            if not result.adapted:
+                entries.append(audit_row(name, None, result.fallback_reason))
+            elif i in result.guarded:
+                entries.append(audit_row(name, None, f"guarded:{result.guarded[i]}"))
+            else:
+                entries.append(audit_row(name, result.keys[int(result.assignments[i])]))
+        used = {e["adapter"] for e in entries}
+        manifest = self.manifest
+        self.audit.write(
+            artifact_id=manifest.artifact_id if manifest else None,
+            artifact_sha256=manifest.artifact_sha256 if manifest else None,
+            outcome="adapted" if result.adapted else "fallback",
+            rows=entries,
+            adapters={key: self._norms[key] for key in result.keys if key in used and key in self._norms},
+        )
+
     def _prepare(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, result: BatchAdaptation
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        result: BatchAdaptation,
+        request_ids: Sequence[str] | None = None,
     ) -> BatchBank:
         self._ensure_manifest()
         manifest = self.manifest
@@ -222,6 +309,7 @@ class AdapterHandle:
         try:
             answer = self.client.adapt(
                 stats,
+                request_ids=request_ids,
                 policy=self._policy(input_ids.shape[0]),
                 dtype=self._wire_dtype(),
                 held_keys=held,
@@ -239,7 +327,9 @@ class AdapterHandle:
         result.assignments = answer.assignments
         result.k = answer.k
         result.keys = tuple(c.key for c in answer.clusters)
-        return self._install(answer, input_ids.shape[0])
+        bank = self._install(answer, input_ids.shape[0])
+        bank.guard = RowGuard(bank.rows, device, self.config.max_delta_ratio, attention_mask)
+        return bank
 
     def _install(self, answer: AdaptResult, rows: int) -> BatchBank:
         """Per-cluster factors -> one stacked (A_cat, B_cat) per module and the row mask."""
@@ -261,6 +351,8 @@ class AdapterHandle:
                     self._to_device(cluster.modules, cluster.key, device, dtype, manifest.scaling),
                 )
                 self.metrics.adapters.labels("sidecar").inc()
+            if self.audit is not None and cluster.key not in self._norms:
+                self._remember_norms(cluster.key, {n: (a, b, None) for n, (a, b) in cached.modules.items()})
             adapters.append(cached)
         self.metrics.cache_bytes.set(self.cache.nbytes)
         factors = {}
@@ -309,8 +401,41 @@ class AdapterHandle:
             weights.append(cached.weights)
         self.metrics.cache_bytes.set(self.cache.nbytes)
         columns = column_weights(torch.stack(weights), manifest.rank)  # [k, r]
+        if self.audit is not None:
+            for cluster, c in zip(answer.clusters, columns, strict=True):
+                if cluster.key not in self._norms:
+                    self._remember_norms(cluster.key, {n: (a, b, c) for n, (a, b) in bases.modules.items()})
         assignments = torch.as_tensor(answer.assignments, dtype=torch.long, device=device)
         return BatchBank(row_mask=columns[assignments], rows=rows, factors=bases.modules)
+
+    def _remember_norms(self, key: str, modules: dict[str, tuple[Any, Any, Any]]) -> None:
+        """||s B A||_F / ||W||_F of one adapter (overall and its largest module), once per key.
+
+        From r x r Gram matrices: ||A^T C (sB^T)||_F^2 = sum((C G_a C) * G_b) with G_a = A A^T,
+        G_b = (sB^T)(sB^T)^T and C the compact form's column weights (identity for whole adapters), so
+        no d_out x d_in product is formed."""
+        if not self._weight_sq:
+            targets = dict(self.model.named_modules())
+            self._weight_sq = {
+                name: float(targets[name].weight.detach().float().square().sum())
+                for name, _, _ in self.manifest.targets
+            }
+        delta_sq = {}
+        for name, (a_t, b_t, columns) in modules.items():
+            g_a = a_t.float().t() @ a_t.float()
+            g_b = b_t.float() @ b_t.float().t()
+            if columns is not None:
+                c = columns.float()
+                g_a = c[:, None] * g_a * c[None, :]
+            delta_sq[name] = float((g_a * g_b).sum())
+        worst = max(delta_sq, key=lambda n: delta_sq[n] / max(self._weight_sq[n], 1e-30))
+        self._norms[key] = {
+            "delta_norm": relative_norm(sum(delta_sq.values()), sum(self._weight_sq[n] for n in delta_sq)),
+            "max_module": worst,
+            "max_module_delta_norm": relative_norm(delta_sq[worst], self._weight_sq[worst]),
+        }
+        while len(self._norms) > 4096:
+            self._norms.popitem(last=False)
 
     @staticmethod
     def _to_device(modules, key: str, device: torch.device, dtype: torch.dtype, scaling: float):
@@ -342,10 +467,7 @@ class AdapterHandle:
         result.fallback_reason = reason
         self.metrics.batches.labels("fallback").inc()
         self.metrics.fallbacks.labels(reason).inc()
-        log.warning(
-            "chameleon adapters unavailable for this batch; running the base model",
-            extra={"reason": reason, "detail": detail},
-        )
+        self._log.fallback(reason, detail)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def detach(self) -> None:

@@ -13,8 +13,11 @@ cluster's adapter as an ordinary `LoRARequest` before the scheduler first looks 
   (whose block hashes include the adapter) stay right.
 
 A client that names a static LoRA keeps it; `vllm_xargs={"chameleon": "off"}` (SamplingParams
-`extra_args`) opts a request out. Any failure leaves the group on the base model, logged and counted;
-no request fails because of the sidecar.
+`extra_args`) opts a request out. Any failure leaves the group on the base model, counted and logged
+once per change of reason; no request fails because of the sidecar. After the client's connection was
+lost, the manifest is checked again before the next Adapt call (a sidecar restarted on another
+artifact). With CHAMELEON_AUDIT_LOG, each group (and each opted-out or static request) writes one JSON
+line: each request's adapter key or "base" and why, and each adapter's ||s B A||_F / ||W||_F.
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ from typing import Any
 import numpy as np
 
 from adapter_service.client import AdapterClient, AdapterServiceError, InvalidResponse, ServiceManifest
-from adapter_service.client.fallback import Fallback, ManifestMismatch, ensure_manifest, sidecar_fallback
+from adapter_service.client.audit import AuditLog, relative_norm
+from adapter_service.client.audit import row as audit_row
+from adapter_service.client.fallback import (
+    Fallback,
+    FallbackLog,
+    ManifestMismatch,
+    ManifestWatch,
+    sidecar_fallback,
+)
 from adapter_service.core.clustering import AutoK, ClusteringPolicy
 from adapter_service.models.statistics import MEAN_INPUT_EMBEDDING
 from chameleon_vllm import worker
@@ -121,8 +132,15 @@ class ChameleonEngine:
                 "--max-lora-rank R (or LLM(enable_lora=True, ...)), or unset CHAMELEON_SIDECAR"
             )
         self.metrics = metrics or VLLMMetrics()
-        self.client = client or AdapterClient(config.sidecar, timeout=config.deadline_s)
+        self.client = client or AdapterClient(
+            config.sidecar, timeout=config.deadline_s, security=config.security
+        )
         self.manifest: ServiceManifest | None = None
+        self._watch = ManifestWatch(self.client)
+        self._log = FallbackLog(log, unit="group")
+        self.audit = AuditLog(config.audit_log) if config.audit_log else None
+        self._weight_sq: dict[str, float | None] = {}  # target -> ||W||_F^2 (audit only)
+        self._norms: dict[str, dict[str, Any]] = {}  # adapter key -> audit norms
         self.pending: list[Any] = []  # requests added since the last step
         self.stored: OrderedDict[str, StoredAdapter] = OrderedDict()  # LRU: oldest first
         self.assigned: dict[str, str] = {}  # request id -> adapter key
@@ -147,9 +165,12 @@ class ChameleonEngine:
             worker.describe,
             list(manifest.targets),
             self.config.check_weights and bool(manifest.base_model.weights_sha256),
+            self.audit is not None,
         )
         check_fit(manifest, facts, self.lora_config, self.config.check_weights)
         self.manifest = manifest
+        self._weight_sq = facts.get("weights_sq", {})
+        self._norms = {}
         needed = facts["needed_modules"]
         if facts["wrapped_modules"] > len(needed):
             # vLLM's CPU LoRA path costs every wrapped layer a LoRA term, adapter or not.
@@ -163,13 +184,8 @@ class ChameleonEngine:
         )
 
     def _ensure_manifest(self, artifact_id: str | None = None) -> None:
-        ensure_manifest(
-            self.client,
-            self.manifest,
-            artifact_id,
-            self.config.deadline_s,
-            self._install_manifest,
-            self._forget,
+        self._watch.ensure(
+            self.manifest, artifact_id, self.config.deadline_s, self._install_manifest, self._forget
         )
 
     def _forget(self) -> None:
@@ -183,8 +199,11 @@ class ChameleonEngine:
         """A request reached the scheduler: it joins the next step's group unless it is not ours."""
         if request.lora_request is not None:
             self.metrics.requests.labels("static").inc()
+            self._audit([audit_row(request.request_id, request.lora_request.lora_name, "static")])
         elif _opted_out(request) or request.prompt_token_ids is None or not request.prompt_token_ids:
             self.metrics.requests.labels("base").inc()
+            why = "opted_out" if _opted_out(request) else "no_prompt_tokens"
+            self._audit([audit_row(request.request_id, None, why)])
         else:
             self.pending.append(request)
 
@@ -204,15 +223,20 @@ class ChameleonEngine:
         try:
             chosen = self._adapt(group)
             self.metrics.batches.labels("adapted").inc()
+            self._log.adapted()
         except Fallback as exc:
             self._count_fallback(exc.reason, exc.detail)
+            reason = exc.reason
         except Exception as exc:  # a bug here must not fail a request
             log.exception("chameleon plugin error; this group runs on the base model")
             self._count_fallback("plugin_error", f"{type(exc).__name__}: {exc}")
+            reason = "plugin_error"
         self.metrics.prepare_seconds.observe(time.perf_counter() - started)
         if chosen is None:
             self.metrics.requests.labels("base").inc(len(group))
+            self._audit([audit_row(r.request_id, None, reason) for r in group])
             return
+        self._audit([audit_row(r.request_id, key) for r, key in chosen])
         for request, key in chosen:
             self._assign(request, key)
         log.info(
@@ -257,6 +281,8 @@ class ChameleonEngine:
             if cluster.omitted:
                 raise Fallback("cache_miss", f"adapter {cluster.key} was left out but is not held")
             new[cluster.key] = _scaled(cluster, manifest.scaling)
+            if self.audit is not None:
+                self._remember_norms(cluster.key, new[cluster.key])
             self.metrics.adapters.labels("sidecar").inc()
         drop = self._evictable(len(new), keep={c.key for c in answer.clusters})
         size = self._rpc(worker.update_store, new, {key: self.stored[key].lora_id for key in drop})
@@ -309,9 +335,38 @@ class ChameleonEngine:
     def _count_fallback(self, reason: str, detail: str) -> None:
         self.metrics.batches.labels("fallback").inc()
         self.metrics.fallbacks.labels(reason).inc()
-        log.warning(
-            f"chameleon adapters unavailable for this group ({reason}); running the base model: {detail}"
-        )
+        self._log.fallback(reason, detail)
+
+    def _audit(self, rows: list[dict[str, Any]]) -> None:
+        if self.audit is None:
+            return
+        try:
+            manifest = self.manifest
+            used = {r["adapter"] for r in rows}
+            self.audit.write(
+                artifact_id=manifest.artifact_id if manifest else None,
+                artifact_sha256=manifest.artifact_sha256 if manifest else None,
+                rows=rows,
+                adapters={key: self._norms[key] for key in used if key in self._norms},
+            )
+        except Exception:
+            log.exception("chameleon: could not write the audit record")
+
+    def _remember_norms(self, key: str, modules: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """||s B A||_F / ||W||_F of one adapter (A, s B in float32) from r x r Gram matrices."""
+        delta_sq = {name: float(((a @ a.T) * (b.T @ b)).sum()) for name, (a, b) in modules.items()}
+        known = {n: w for n, w in self._weight_sq.items() if w and n in delta_sq}
+        norms: dict[str, Any] = {"delta_norm": None}
+        if known:
+            worst = max(known, key=lambda n: delta_sq[n] / known[n])
+            norms = {
+                "delta_norm": relative_norm(sum(delta_sq[n] for n in known), sum(known.values())),
+                "max_module": worst,
+                "max_module_delta_norm": relative_norm(delta_sq[worst], known[worst]),
+            }
+        self._norms[key] = norms
+        while len(self._norms) > 4096:
+            del self._norms[next(iter(self._norms))]
 
     def close(self) -> None:
         self.client.close()

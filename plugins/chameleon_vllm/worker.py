@@ -44,8 +44,12 @@ def _embedding_weight(model: Any) -> torch.Tensor:
     raise ValueError(f"{type(model).__name__}: no model.embed_tokens with a weight")
 
 
-def describe(worker: Any, targets: list[tuple[str, int, int]], hash_weights: bool) -> dict[str, Any]:
-    """The served model as the artifact check needs it, and what is wrong with `targets` (as text)."""
+def describe(
+    worker: Any, targets: list[tuple[str, int, int]], hash_weights: bool, weight_norms: bool = False
+) -> dict[str, Any]:
+    """The served model as the artifact check needs it, and what is wrong with `targets` (as text).
+
+    `weight_norms`: also each target's ||W||_F^2 (`weights_sq`, None where unreadable), for the audit."""
     runner = _runner(worker)
     config = runner.model_config.hf_config.get_text_config()
     vocab = int(config.vocab_size)
@@ -59,6 +63,7 @@ def describe(worker: Any, targets: list[tuple[str, int, int]], hash_weights: boo
         "dtype": str(weight.dtype).removeprefix("torch."),
         "weights_sha256": embedding_sha256(weight[:vocab]) if hash_weights else "",
         "target_problems": [],
+        "weights_sq": {},
     }
     manager = getattr(getattr(runner, "lora_manager", None), "_adapter_manager", None)
     if manager is None:
@@ -78,6 +83,8 @@ def describe(worker: Any, targets: list[tuple[str, int, int]], hash_weights: boo
             sizes[index] if index is not None and sizes is not None else getattr(base, "output_size", None)
         )
         have = (getattr(base, "input_size", None), d_out_have)
+        if weight_norms:
+            facts["weights_sq"][name] = _weight_sq(base, sizes, index)
         if None not in have and have != (d_in, d_out):
             facts["target_problems"].append(
                 f"target {name!r}: vLLM's layer has (d_in, d_out) = {have}, artifact expects {(d_in, d_out)}"
@@ -85,6 +92,42 @@ def describe(worker: Any, targets: list[tuple[str, int, int]], hash_weights: boo
     facts["needed_modules"] = sorted(needed)  # vLLM's names of the layers the artifact adapts
     facts["wrapped_modules"] = len(manager.modules)  # the layers vLLM computes a LoRA term for
     return facts
+
+
+def _weight_sq(base: Any, sizes: list[int] | None, index: int | None) -> float | None:
+    """||W||_F^2 of a target's rows of vLLM's (possibly packed) weight; None when unreadable or sharded."""
+    weight = getattr(base, "weight", None)
+    if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.numel()):
+        weight = None
+    if weight is None or not weight.is_floating_point():
+        weight = _weight_from_outputs(base)
+        if weight is None:
+            return None
+    if index is not None and sizes is not None:
+        if weight.shape[0] != sum(sizes):  # a shard under tensor parallelism
+            return None
+        start = sum(sizes[:index])
+        weight = weight[start : start + sizes[index]]
+    return float(weight.detach().float().square().sum())
+
+
+@torch.no_grad()
+def _weight_from_outputs(base: Any, chunk: int = 1024) -> torch.Tensor | None:
+    """W [d_out, d_in] read back as the layer's outputs on the identity matrix: vLLM's CPU build repacks
+    linear weights for oneDNN and leaves `weight` empty, and quantized weights are not W itself."""
+    method, d_in = getattr(base, "quant_method", None), getattr(base, "input_size", None)
+    dtype = getattr(base, "params_dtype", None) or torch.float32
+    if method is None or not d_in:
+        return None
+    device = next((p.device for p in base.parameters() if p.numel()), torch.device("cpu"))
+    try:
+        columns = []
+        for start in range(0, d_in, chunk):
+            eye = torch.eye(d_in, dtype=dtype, device=device)[start : start + chunk]
+            columns.append(method.apply(base, eye, bias=None).float())  # rows of W^T
+        return torch.cat(columns).t()
+    except Exception:  # an unusual layer: the audit goes without this norm
+        return None
 
 
 def _lora_layer(manager: Any, name: str) -> tuple[str, Any, int | None] | None:

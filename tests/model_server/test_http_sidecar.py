@@ -10,10 +10,17 @@ from pathlib import Path
 import pytest
 from huggingface_hub import InferenceClient
 
-from adapter_service.client import AdapterClient
+from adapter_service.client import AdapterClient, ClientSecurity
 from adapter_service.demo.sidecar import SidecarProcess
 from adapter_service.training.export import make_fresh_artifact
-from chameleon_model_server.http_server import ModelServer, serve
+from chameleon_model_server.http_server import (
+    ModelServer,
+    _attach,
+    build_parser,
+    main,
+    serve,
+    sidecar_security,
+)
 from chameleon_torch import PluginConfig, attach
 from samples import PROMPTS, tiny_model, tiny_tokenizer
 
@@ -117,3 +124,69 @@ def test_requests_fall_back_to_the_base_model_when_the_sidecar_dies(
     finally:
         server.shutdown(grace=10)
         sidecar.stop()
+
+
+# -- security towards the sidecar (serve-model's --sidecar-* flags) --------------------------------
+
+
+def _security_args(*flags: str):
+    return build_parser().parse_args(["--sidecar", "127.0.0.1:1", *flags])
+
+
+def test_sidecar_security_from_flags_and_variables(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    token.chmod(0o600)
+    assert sidecar_security(_security_args(), environ={}) is None
+    from_env = sidecar_security(_security_args(), environ={"CHAMELEON_AUTH_TOKEN_FILE": str(token)})
+    assert isinstance(from_env, ClientSecurity) and from_env.token_file == str(token)
+    from_flag = sidecar_security(_security_args("--sidecar-token-file", str(token)), environ={})
+    assert from_flag.token_file == str(token) and from_flag.metadata() == (("authorization", "Bearer t0ken"),)
+    # a flag overrides its variable; the other variables still apply, and errors name flag and variable
+    with pytest.raises(ValueError, match=re.escape("--sidecar-tls-cert (or $CHAMELEON_TLS_CERT)")):
+        sidecar_security(
+            _security_args("--sidecar-token-file", str(token)),
+            environ={"CHAMELEON_TLS_CERT": str(tmp_path / "missing.pem")},
+        )
+    with pytest.raises(ValueError, match="CHAMELEON_AUTH_TOKEN_FILE"):
+        sidecar_security(_security_args(), environ={"CHAMELEON_AUTH_TOKEN_FILE": str(tmp_path / "missing")})
+    with pytest.raises(ValueError, match="--sidecar-tls-server-name"):
+        sidecar_security(_security_args("--sidecar-tls-server-name", "sidecar.test"), environ={})
+
+
+def test_serve_model_refuses_bad_security_files_before_loading(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing")
+    assert main(["--model", missing, "--sidecar", "127.0.0.1:1", "--sidecar-token-file", missing]) == 2
+    assert main(["--model", missing, "--api-key-file", missing]) == 2
+
+
+def _adapted(model, tokenizer, handle) -> bool:
+    """Whether one request through a server with `handle` ran with adapters (a None handle: no)."""
+    if handle is None:
+        return False
+    server = serve(model, tokenizer, port=0, handle=handle, batch_window_ms=0)
+    try:
+        client = InferenceClient(base_url=server.url, timeout=120)
+        details = client.text_generation(PROMPTS[0], max_new_tokens=2, details=True).details
+        return bool(details.chameleon["adapted"])
+    finally:
+        server.shutdown(grace=10)
+        handle.detach()
+
+
+def test_attach_with_a_token_protected_sidecar(tokenizer, tmp_path: Path) -> None:
+    """The token from --sidecar-token-file reaches the sidecar: with it batches are adapted; without it
+    the server serves the base model."""
+    token = tmp_path / "token"
+    token.write_text("t0ken-for-the-sidecar\n")
+    token.chmod(0o600)
+    artifact = make_fresh_artifact(
+        tiny_model(tokenizer), ["q_proj", "v_proj"], 4, tmp_path / "zero", init="zero"
+    )
+    with SidecarProcess(artifact.path, extra_args=["--auth-token-file", str(token)]) as sidecar:
+        model = tiny_model(tokenizer)
+        assert not _adapted(model, tokenizer, _attach(model, tokenizer, sidecar.address, 5.0))
+        security = sidecar_security(_security_args("--sidecar-token-file", str(token)), environ={})
+        handle = _attach(model, tokenizer, sidecar.address, 5.0, security=security)
+        assert handle is not None and handle.client.security is security
+        assert _adapted(model, tokenizer, handle)

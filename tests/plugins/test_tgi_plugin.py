@@ -411,6 +411,50 @@ def test_sidecar_failure_runs_the_base_model_and_counts_it(
     assert runtime.metrics.fallback_count("unavailable") == 1 and runtime.metrics.fallback_count() == 1
 
 
+def test_paused_or_refusing_sidecar_and_the_audit_log(
+    tgi, monkeypatch: pytest.MonkeyPatch, llama_dir: Path, artifact_dir: Path, tmp_path: Path
+) -> None:
+    """Against GatedSidecar, a STAND-IN for the server side's bearer-token check and pause switch (built
+    in parallel) in front of a real sidecar: the token from CHAMELEON_AUTH_TOKEN_FILE is sent, a paused
+    or refusing sidecar is a counted fallback, and CHAMELEON_AUDIT_LOG records each prefill."""
+    from gated_sidecar import GatedSidecar
+
+    token, audit = tmp_path / "token", tmp_path / "audit.jsonl"
+    token.write_text("tgi-token\n")
+    server = start_server(artifact_dir)
+    gate = GatedSidecar(server.address, token="tgi-token")
+    rows = prompts()
+    try:
+        model = serve(
+            llama_dir,
+            monkeypatch,
+            CHAMELEON_SIDECAR=gate.address,
+            CHAMELEON_AUTH_TOKEN_FILE=str(token),
+            CHAMELEON_AUDIT_LOG=str(audit),
+        )
+        runtime = getattr(model, hooks.RUNTIME_ATTR)
+        run(model, make_batch(model, rows, [""] * 5 + [BASE], [2] * 6))
+        gate.paused = True
+        run(model, make_batch(model, rows, [""] * 6, [2] * 6, first_id=101))
+        gate.paused, gate.token = False, "rotated"
+        run(model, make_batch(model, rows, [""] * 6, [2] * 6, first_id=201))
+    finally:
+        gate.stop()
+        server.stop()
+    assert runtime.metrics.fallback_count("paused") == 1
+    assert runtime.metrics.fallback_count("unauthenticated") == 1
+    assert runtime.metrics.fallback_count() == 2
+    adapted, paused, refused = (json.loads(line) for line in audit.read_text().splitlines())
+    assert adapted["artifact_sha256"] == runtime.manifest.artifact_sha256
+    assert [r["request"] for r in adapted["rows"]] == [1, 2, 3, 4, 5, 6]
+    assert adapted["rows"][5] == {"request": 6, "adapter": "base", "why": "opted_out"}
+    keys = {r["adapter"] for r in adapted["rows"][:5]}
+    assert "base" not in keys and set(adapted["adapters"]) == keys
+    assert all(0 < a["delta_norm"] < 10 and a["max_module"] for a in adapted["adapters"].values())
+    assert paused["rows"] == [{"request": 101 + i, "adapter": "base", "why": "paused"} for i in range(6)]
+    assert {r["why"] for r in refused["rows"]} == {"unauthenticated"}
+
+
 def test_sidecar_never_reached_serves_the_base_model(
     tgi, monkeypatch: pytest.MonkeyPatch, llama_dir: Path
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -114,3 +115,51 @@ def test_demo_refuses_an_untrained_artifact(artifact_dir, tmp_path, capsys) -> N
 
     assert main(["demo", "--artifact", str(artifact_dir), "--workdir", str(tmp_path)]) == 2
     assert "needs an artifact written by `chameleon train`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        (
+            "rank",
+            "1180591620717411303424",
+            "field 'rank': expected a positive integer <= 9223372036854775807",
+        ),
+        ("base_model.hidden_size", "18446744073709551616", "field 'base_model.hidden_size'"),
+        ("scaling", "NaN", "field 'scaling': expected a finite number"),
+        ("scaling", "Infinity", "field 'scaling': expected a finite number"),
+        ("scaling", "1e39", "field 'scaling': expected a finite number (float32 range)"),
+    ],
+)
+def test_serve_refuses_out_of_range_manifest_values(
+    field: str, value: str, expected: str, artifact_dir: Path, tmp_path: Path
+) -> None:
+    """Values JSON allows but the wire cannot carry (int64, float32) or that poison every adapter
+    (NaN, inf) stop start-up with one line, not a traceback at the first GetManifest."""
+    from adapter_service.core.artifact import ArtifactError
+
+    target = tmp_path / "art"
+    shutil.copytree(artifact_dir, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    parent, key = (
+        (manifest, field) if "." not in field else (manifest[field.split(".")[0]], field.split(".")[1])
+    )
+    parent[key] = "@@"
+    (target / "manifest.json").write_text(json.dumps(manifest).replace('"@@"', value))
+    with pytest.raises(ArtifactError, match=re.escape(expected)):
+        load_artifact(target)
+    result = run_cli("serve", "--artifact", str(target), "--address", f"127.0.0.1:{free_port()}", timeout=60)
+    assert result.returncode == 2
+    assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_flag_errors_are_one_line(artifact_dir: Path, tmp_path: Path) -> None:
+    base = ["serve", "--artifact", str(artifact_dir), "--metrics-port", "-1"]
+    only_cert = run_cli(*base, "--tls-cert", str(tmp_path / "c.pem"), timeout=60)
+    assert only_cert.returncode == 2 and "--tls-cert and --tls-key go together" in only_cert.stderr
+    missing_token = run_cli(*base, "--auth-token-file", str(tmp_path / "nope"), timeout=60)
+    assert missing_token.returncode == 2 and "--auth-token-file: cannot read it" in missing_token.stderr
+    bad_mode = run_cli(*base, "--socket-mode", "rw", timeout=60)
+    assert bad_mode.returncode == 2 and "expected an octal mode" in bad_mode.stderr
+    for result in (only_cert, missing_token, bad_mode):
+        assert "Traceback" not in result.stderr

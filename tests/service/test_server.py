@@ -190,6 +190,37 @@ BAD_REQUESTS = {
         "request_ids: 1 ids for 3",
     ),
     "missing statistics": (pb.AdaptRequest(), grpc.StatusCode.INVALID_ARGUMENT, "statistics: missing"),
+    # Shapes whose element count overflows int64 (or numpy) are refused before numpy sees them.
+    "shape [2**62, 0]": (
+        pb.AdaptRequest(statistics=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2**62, 0])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "statistics.shape: [4611686018427387904, 0] is out of range",
+    ),
+    "shape [0, 2**63 - 1]": (
+        pb.AdaptRequest(statistics=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[0, 2**63 - 1])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "statistics.shape: [0, 9223372036854775807] is out of range",
+    ),
+    "shape [2**32, 2**32]": (
+        pb.AdaptRequest(statistics=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2**32, 2**32], data=b"\0" * 4)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "statistics.shape",
+    ),
+    "negative dimension": (
+        pb.AdaptRequest(statistics=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[-1, D])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "statistics.shape: [-1, 64] has a negative dimension",
+    ),
+    "negative times negative": (
+        pb.AdaptRequest(statistics=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[-2, -D], data=b"\0" * 512)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "statistics.shape",
+    ),
+    "100 000 dimensions": (
+        pb.AdaptRequest(statistics=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1] * 100_000)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "statistics.shape: got [1, 1, 1, 1, 1, 1, 1, 1, ...] (100000 dimensions), expected [*, *]",
+    ),
 }
 
 
@@ -289,3 +320,51 @@ def test_metrics_endpoint_counts_calls_and_errors(server: ServerThread, client: 
 def test_build_request_rejects_unknown_policy() -> None:
     with pytest.raises(TypeError, match="policy"):
         build_adapt_request(blobs(), policy="auto")  # type: ignore[arg-type]
+
+
+def test_a_huge_duplicate_id_is_clipped_in_the_status_message(stub) -> None:
+    huge = "x" * (1 << 20)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Adapt(_raw(blobs(n=2), request_ids=[huge, huge]), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("request_ids: duplicate id 'xxxx")
+    assert f"({len(huge) + 2} chars)" in info.value.details()
+    assert len(info.value.details()) < 1000
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "/chameleon.v1.AdapterService/Adapt",
+        "/chameleon.v1.AdapterService/GetManifest",
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ],
+)
+def test_undecodable_bytes_are_invalid_argument_with_one_warning(
+    server: ServerThread, client: AdapterClient, method: str, caplog
+) -> None:
+    """grpc's own deserializer would answer UNKNOWN and log a traceback per call, health included (which
+    answers callers without a token)."""
+    with grpc.insecure_channel(server.address) as channel, caplog.at_level("WARNING"):
+        if method.endswith(("Watch", "ServerReflectionInfo")):  # response (and request) streams
+            stream = channel.stream_stream(method, request_serializer=None, response_deserializer=None)
+
+            def send(data: bytes) -> None:
+                list(stream(iter([data]), timeout=10))
+        else:
+            unary = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+
+            def send(data: bytes) -> None:
+                unary(data, timeout=10)
+
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as info:
+                send(b"\xff\xff\xff")
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details().startswith("request: not a valid ")
+    undecodable = [r for r in caplog.records if r.getMessage() == "undecodable request"]
+    assert len(undecodable) == 3
+    assert not any(r.exc_info for r in caplog.records)
+    assert client.adapt(blobs(n=6), policy=FixedK(2)).k == 2

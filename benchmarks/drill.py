@@ -483,6 +483,7 @@ def plot(report: dict, path: Path) -> None:
     for i, f in enumerate(forms):
         label = f"p99 {f['p99_ms']} ms\nerrors {sum(f['errors'].values())}"
         left.text(i, f["calls_per_s"], label, ha="center", va="bottom", fontsize=8)
+    left.set_ylim(0, 1.3 * max(f["calls_per_s"] for f in forms))
     left.set_ylabel("Adapt calls/s")
     left.set_title(f"load: {forms[0]['clients']} clients x {forms[0]['seconds']} s")
     codes = report["fuzz"]["codes"]

@@ -1,8 +1,7 @@
 """Client credentials (TLS, mTLS, bearer token) and the pause switch, as the clients and plugins see them.
 
-The sidecar here is GatedSidecar (gated_sidecar.py): a STAND-IN for the server side of TLS, tokens and
-the pause switch, built in parallel, in front of a real sidecar. Handshakes, metadata and status codes
-are real gRPC.
+The sidecar here is the real one, in this process (secured_sidecar.py), started with its TLS, mutual
+TLS and token options; its pause switch is flipped as SIGUSR1 does.
 """
 
 from __future__ import annotations
@@ -14,8 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from gated_sidecar import GatedSidecar
 from plugin_pki import PKI, make_pki
+from secured_sidecar import SecuredSidecar
 
 from adapter_service.client import AdapterClient, AdapterServiceError, AsyncAdapterClient, ClientSecurity
 from adapter_service.client.fallback import FallbackLog, sidecar_fallback
@@ -112,9 +111,9 @@ def test_engine_plugins_read_the_same_variables(pki: PKI, token_file: Path) -> N
         )
 
 
-# -- against the stand-in: token, TLS, mTLS ------------------------------------------------------------
-def test_bearer_token_over_plaintext_loopback(server, token_file: Path) -> None:
-    gate = GatedSidecar(server.address, token=TOKEN)
+# -- against the real sidecar: token, TLS, mTLS ------------------------------------------------------------
+def test_bearer_token_over_plaintext_loopback(artifact_dir: Path, token_file: Path) -> None:
+    gate = SecuredSidecar(artifact_dir, token=TOKEN)
     try:
         assert AdapterClient(gate.address).health() == "SERVING"  # health needs no token
         assert adapt_once(gate.address, ClientSecurity(token_file=str(token_file)))[0] is None
@@ -128,8 +127,8 @@ def test_bearer_token_over_plaintext_loopback(server, token_file: Path) -> None:
 
 
 @pytest.mark.parametrize("mtls", [False, True])
-def test_tls_and_mutual_tls(server, pki: PKI, token_file: Path, mtls: bool) -> None:
-    gate = GatedSidecar(server.address, token=TOKEN, pki=pki, client_ca=mtls)
+def test_tls_and_mutual_tls(artifact_dir: Path, pki: PKI, token_file: Path, mtls: bool) -> None:
+    gate = SecuredSidecar(artifact_dir, token=TOKEN, pki=pki, client_ca=mtls)
     client_cert = {"cert_file": str(pki.client_cert), "key_file": str(pki.client_key)} if mtls else {}
     try:
         good = ClientSecurity(ca_file=str(pki.ca), token_file=str(token_file), **client_cert)
@@ -178,8 +177,10 @@ def test_tls_failures_are_unauthenticated_not_unavailable() -> None:
 
 
 # -- the pause switch ---------------------------------------------------------------------------------
-def test_paused_sidecar_raises_paused_in_both_clients_and_plugins_fall_back(server, caplog) -> None:
-    gate = GatedSidecar(server.address)
+def test_paused_sidecar_raises_paused_in_both_clients_and_plugins_fall_back(
+    artifact_dir: Path, caplog
+) -> None:
+    gate = SecuredSidecar(artifact_dir)
     ids, mask = batch()
     try:
         client = AdapterClient(gate.address, timeout=5)

@@ -414,15 +414,14 @@ def test_sidecar_failure_runs_the_base_model_and_counts_it(
 def test_paused_or_refusing_sidecar_and_the_audit_log(
     tgi, monkeypatch: pytest.MonkeyPatch, llama_dir: Path, artifact_dir: Path, tmp_path: Path
 ) -> None:
-    """Against GatedSidecar, a STAND-IN for the server side's bearer-token check and pause switch (built
-    in parallel) in front of a real sidecar: the token from CHAMELEON_AUTH_TOKEN_FILE is sent, a paused
-    or refusing sidecar is a counted fallback, and CHAMELEON_AUDIT_LOG records each prefill."""
-    from gated_sidecar import GatedSidecar
+    """Against the real sidecar with a bearer token: the token from CHAMELEON_AUTH_TOKEN_FILE is sent, a
+    paused sidecar (its switch flipped as SIGUSR1 does) or one restarted with another token is a counted
+    fallback, and CHAMELEON_AUDIT_LOG records each prefill."""
+    from secured_sidecar import SecuredSidecar
 
     token, audit = tmp_path / "token", tmp_path / "audit.jsonl"
     token.write_text("tgi-token\n")
-    server = start_server(artifact_dir)
-    gate = GatedSidecar(server.address, token="tgi-token")
+    gate = SecuredSidecar(artifact_dir, token="tgi-token")
     rows = prompts()
     try:
         model = serve(
@@ -436,11 +435,11 @@ def test_paused_or_refusing_sidecar_and_the_audit_log(
         run(model, make_batch(model, rows, [""] * 5 + [BASE], [2] * 6))
         gate.paused = True
         run(model, make_batch(model, rows, [""] * 6, [2] * 6, first_id=101))
-        gate.paused, gate.token = False, "rotated"
+        gate.paused = False
+        gate = gate.restart(token="rotated")
         run(model, make_batch(model, rows, [""] * 6, [2] * 6, first_id=201))
     finally:
         gate.stop()
-        server.stop()
     assert runtime.metrics.fallback_count("paused") == 1
     assert runtime.metrics.fallback_count("unauthenticated") == 1
     assert runtime.metrics.fallback_count() == 2

@@ -36,6 +36,21 @@ def relative_norm(delta_sq: float, weight_sq: float) -> float | None:
     return round(value, 6) if math.isfinite(value) else None
 
 
+def adapter_norms(delta_sq: dict[str, float], weight_sq: dict[str, float]) -> dict[str, Any]:
+    """An adapter's audit entry from squared Frobenius norms per module, of its deltas (s B A) and of
+    the base weights: the whole adapter's relative norm and its largest module's. Modules without a
+    known weight are left out; with none known, delta_norm is None."""
+    known = {n: w for n, w in weight_sq.items() if w and n in delta_sq}
+    if not known:
+        return {"delta_norm": None}
+    worst = max(known, key=lambda n: delta_sq[n] / known[n])
+    return {
+        "delta_norm": relative_norm(sum(delta_sq[n] for n in known), sum(known.values())),
+        "max_module": worst,
+        "max_module_delta_norm": relative_norm(delta_sq[worst], known[worst]),
+    }
+
+
 class AuditLog:
     """Appends one JSON object per line to `path` (created with its parent directory if needed)."""
 

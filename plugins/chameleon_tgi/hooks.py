@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from adapter_service.client import AdapterClient, AdapterServiceError, InvalidResponse, ServiceManifest
-from adapter_service.client.audit import AuditLog, relative_norm
+from adapter_service.client.audit import AuditLog, adapter_norms
 from adapter_service.client.audit import row as audit_row
 from adapter_service.client.fallback import (
     Fallback,
@@ -420,16 +420,7 @@ class ChameleonTGI:
         for name, (a, b) in modules.items():
             a, b = a.float(), b.float()
             delta_sq[name] = float(((a @ a.t()) * (b.t() @ b)).sum()) * s * s
-        known = {n: w for n, w in self._weight_sq.items() if w and n in delta_sq}
-        norms: dict[str, Any] = {"delta_norm": None}
-        if known:
-            worst = max(known, key=lambda n: delta_sq[n] / known[n])
-            norms = {
-                "delta_norm": relative_norm(sum(delta_sq[n] for n in known), sum(known.values())),
-                "max_module": worst,
-                "max_module_delta_norm": relative_norm(delta_sq[worst], known[worst]),
-            }
-        self._norms[key] = norms
+        self._norms[key] = adapter_norms(delta_sq, self._weight_sq)
         while len(self._norms) > 4096:
             del self._norms[next(iter(self._norms))]
 

@@ -36,7 +36,7 @@ from adapter_service.client import (
     InvalidResponse,
     ServiceManifest,
 )
-from adapter_service.client.audit import AuditLog, relative_norm
+from adapter_service.client.audit import AuditLog, adapter_norms
 from adapter_service.client.audit import row as audit_row
 from adapter_service.client.fallback import (
     Fallback,
@@ -428,12 +428,7 @@ class AdapterHandle:
                 c = columns.float()
                 g_a = c[:, None] * g_a * c[None, :]
             delta_sq[name] = float((g_a * g_b).sum())
-        worst = max(delta_sq, key=lambda n: delta_sq[n] / max(self._weight_sq[n], 1e-30))
-        self._norms[key] = {
-            "delta_norm": relative_norm(sum(delta_sq.values()), sum(self._weight_sq[n] for n in delta_sq)),
-            "max_module": worst,
-            "max_module_delta_norm": relative_norm(delta_sq[worst], self._weight_sq[worst]),
-        }
+        self._norms[key] = adapter_norms(delta_sq, self._weight_sq)
         while len(self._norms) > 4096:
             self._norms.popitem(last=False)
 

@@ -59,6 +59,28 @@ class AuditLog:
         self._lock = threading.Lock()
         self._failed = False
 
+    def write_batch(
+        self,
+        manifest: Any,
+        rows: list[dict[str, Any]],
+        norms: dict[str, dict[str, Any]],
+        **extra: Any,
+    ) -> None:
+        """A plugin's batch: the artifact from `manifest` (a ServiceManifest or None), `rows`, and the
+        entries of `norms` for the adapters the rows used. Never raises: an audit record that cannot be
+        built is logged, and the batch is served all the same."""
+        try:
+            used = {r["adapter"] for r in rows}
+            self.write(
+                artifact_id=manifest.artifact_id if manifest else None,
+                artifact_sha256=manifest.artifact_sha256 if manifest else None,
+                rows=rows,
+                adapters={key: norms[key] for key in used if key in norms},
+                **extra,
+            )
+        except Exception:
+            log.exception("chameleon: could not write the audit record")
+
     def write(
         self,
         *,

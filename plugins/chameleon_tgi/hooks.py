@@ -402,17 +402,7 @@ class ChameleonTGI:
                     self._to_base(request, managed=request.adapter_id != self.names.BASE_MODEL_ADAPTER_ID)
 
     def _write_audit(self, rows: list[dict[str, Any]]) -> None:
-        try:
-            manifest = self.manifest
-            used = {r["adapter"] for r in rows}
-            self.audit.write(
-                artifact_id=manifest.artifact_id if manifest else None,
-                artifact_sha256=manifest.artifact_sha256 if manifest else None,
-                rows=rows,
-                adapters={key: self._norms[key] for key in used if key in self._norms},
-            )
-        except Exception:
-            log.exception("chameleon: could not write the audit record")
+        self.audit.write_batch(self.manifest, rows, self._norms)
 
     def _remember_norms(self, key: str, modules: dict[str, tuple[torch.Tensor, torch.Tensor]], s: float):
         """||s B A||_F / ||W||_F of one adapter from r x r Gram matrices (as chameleon_torch does)."""

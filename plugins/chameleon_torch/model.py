@@ -277,15 +277,8 @@ class AdapterHandle:
                 entries.append(audit_row(name, None, f"guarded:{result.guarded[i]}"))
             else:
                 entries.append(audit_row(name, result.keys[int(result.assignments[i])]))
-        used = {e["adapter"] for e in entries}
-        manifest = self.manifest
-        self.audit.write(
-            artifact_id=manifest.artifact_id if manifest else None,
-            artifact_sha256=manifest.artifact_sha256 if manifest else None,
-            outcome="adapted" if result.adapted else "fallback",
-            rows=entries,
-            adapters={key: self._norms[key] for key in result.keys if key in used and key in self._norms},
-        )
+        outcome = "adapted" if result.adapted else "fallback"
+        self.audit.write_batch(self.manifest, entries, self._norms, outcome=outcome)
 
     def _prepare(
         self,

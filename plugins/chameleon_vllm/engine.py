@@ -338,19 +338,8 @@ class ChameleonEngine:
         self._log.fallback(reason, detail)
 
     def _audit(self, rows: list[dict[str, Any]]) -> None:
-        if self.audit is None:
-            return
-        try:
-            manifest = self.manifest
-            used = {r["adapter"] for r in rows}
-            self.audit.write(
-                artifact_id=manifest.artifact_id if manifest else None,
-                artifact_sha256=manifest.artifact_sha256 if manifest else None,
-                rows=rows,
-                adapters={key: self._norms[key] for key in used if key in self._norms},
-            )
-        except Exception:
-            log.exception("chameleon: could not write the audit record")
+        if self.audit is not None:
+            self.audit.write_batch(self.manifest, rows, self._norms)
 
     def _remember_norms(self, key: str, modules: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         """||s B A||_F / ||W||_F of one adapter (A, s B in float32) from r x r Gram matrices."""

@@ -535,22 +535,7 @@ def test_cli_connection_flags() -> None:
 def endless_model_dir(tokenizer, path: Path) -> Path:
     """A tiny model with room for thousands of tokens that never chooses EOS greedily (its EOS row of
     the output layer is zero, so its logit is 0 while the largest of the other 359 is positive)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=4096,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_model(tokenizer, max_positions=4096)
     with torch.no_grad():
         model.lm_head.weight[tokenizer.eos_token_id] = 0.0
     model.save_pretrained(path)

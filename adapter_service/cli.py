@@ -69,6 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
             ort_threads=args.ort_threads,
             seed=args.seed,
             grace_seconds=args.grace,
+            max_connection_age_s=args.max_connection_age,
             expect_sha256=args.expect_sha256,
             tls_cert=optional_path(args.tls_cert),
             tls_key=optional_path(args.tls_key),
@@ -85,6 +86,17 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"chameleon serve: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _seconds(text: str) -> float:
+    """`--max-connection-age 300` -> 300.0; a negative, infinite or non-numeric value is refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds such as 300, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected 0 (never) or a positive number of seconds, got {text!r}")
+    return value
 
 
 def _file_mode(text: str) -> int:
@@ -234,6 +246,10 @@ def _run_recipe(args: argparse.Namespace, run) -> int:
     except (RecipeError, ValueError, OSError) as exc:
         print(f"chameleon {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed = sys.modules.get("adapter_service.training.distributed")
+        if distributed is not None:  # leave the torchrun process group, if this command joined one
+            distributed.stop()
     return 0
 
 
@@ -241,7 +257,16 @@ def _train(args: argparse.Namespace) -> int:
     from adapter_service.training.api import train_artifact
 
     def run(settings: dict) -> None:
-        outcome = train_artifact(args.out, args.config, command=_command(), **settings)
+        outcome = train_artifact(
+            args.out,
+            args.config,
+            command=_command(),
+            device=args.device,
+            checkpoint_dir=args.checkpoint_dir,
+            **settings,
+        )
+        if outcome.artifact is None:  # a rank other than 0 under torchrun: rank 0 reports
+            return
         print(
             f"wrote {outcome.artifact.path} ({outcome.artifact.manifest.artifact_id}); best validation "
             f"NLL {outcome.best_validation_nll:.4f} at step {outcome.best_step}; targets "
@@ -257,7 +282,18 @@ def _eval(args: argparse.Namespace) -> int:
     def run(settings: dict) -> None:
         out = Path(args.out)
         reuse, command = args.reuse, _command()
-        evaluate(out, args.config, only=args.only, skip=args.skip, reuse=reuse, command=command, **settings)
+        report = evaluate(
+            out,
+            args.config,
+            only=args.only,
+            skip=args.skip,
+            reuse=reuse,
+            command=command,
+            device=args.device,
+            **settings,
+        )
+        if "computed_only" in report and not args.only:  # a rank other than 0 under torchrun
+            return
         if args.only:
             print(f"computed {', '.join(args.only)} in {out}; no report (--only)")
         else:
@@ -298,6 +334,20 @@ def _add_recipe_options(p: argparse.ArgumentParser, command: str) -> None:
         help="recipe: a .toml file or a shipped name (default, demo); flags override its values",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the model runs: a GPU when there is one (auto), or cpu/cuda; under torchrun one GPU "
+        "per process",
+    )
+    if command == "train":
+        p.add_argument(
+            "--checkpoint-dir",
+            metavar="DIR",
+            help="save the run at every validation and resume from the checkpoint there (an interrupted "
+            "or restarted torchrun job continues where it stopped)",
+        )
     p.add_argument(
         "--out", help="the artifact (train) or the report folder (eval); required unless --print-config"
     )
@@ -413,6 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=5.0,
         help="seconds that calls in flight have to finish on SIGTERM (new calls get UNAVAILABLE meanwhile)",
+    )
+    serve.add_argument(
+        "--max-connection-age",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="close each client connection after about this long (0 = never, the default), calls in "
+        "flight getting --grace to finish: clients reconnect and re-resolve a dns:/// name, so sidecar "
+        "replicas added later get traffic (e.g. 300 behind a Kubernetes headless Service)",
     )
     serve.add_argument("--expect-sha256", help="refuse to start unless the artifact has this sha256")
     serve.add_argument("--log-level", default="info")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import torch
 
@@ -79,3 +81,53 @@ def synthetic(n: int, seed: int) -> list[Example]:
         continuation = tuple(lo + (j * (d + 2)) % 7 for j in range(C))
         out.append(Example(prompt, continuation, f"d{d}", f"doc{i}"))
     return out
+
+
+def labelled_study(root: Path, documents: int = 60) -> tuple[Path, Path]:
+    """A tiny model directory (with its tokenizer) and a labelled jsonl of three topics, for the
+    `chameleon train`/`eval` commands: (model_dir, data)."""
+    tokenizer = tiny_tokenizer()
+    model_dir = root / "model"
+    tiny_model(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    rng = random.Random(0)
+    with open(root / "data.jsonl", "w") as f:
+        for i in range(documents):
+            label = i % 3
+            words = " ".join(rng.choice(SENTENCES[label].split()) for _ in range(60))
+            f.write(json.dumps({"text": words, "label": f"topic{label}"}) + "\n")
+    return model_dir, root / "data.jsonl"
+
+
+def start_sidecars(artifact, n: int, audit_dir, extra_args=()) -> list:
+    """`n` real `chameleon serve` processes on `artifact`, started in parallel, each appending its audit
+    log to `audit_dir/replica-{i}.jsonl` (what each answered, even after a SIGKILL: lines are flushed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from adapter_service.demo.sidecar import SidecarProcess
+
+    def one(i: int) -> SidecarProcess:
+        audit = ["--audit-log", str(audit_dir / f"replica-{i}.jsonl")]
+        return SidecarProcess(artifact, extra_args=[*audit, *extra_args])
+
+    with ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(one, i) for i in range(n)]
+    started = [f.result() for f in futures if f.exception() is None]
+    if len(started) < n:
+        for sidecar in started:
+            sidecar.stop()
+        raise next(f.exception() for f in futures if f.exception() is not None)
+    return started
+
+
+def audit_records(audit_dir, i: int) -> list[dict]:
+    """The audit records of replica `i` of start_sidecars, with `t`: the record's time in epoch seconds."""
+    import datetime
+    import json
+
+    path = audit_dir / f"replica-{i}.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for record in records:
+        when = datetime.datetime.strptime(record["time"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        record["t"] = when.replace(tzinfo=datetime.UTC).timestamp()
+    return records

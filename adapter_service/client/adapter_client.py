@@ -10,12 +10,19 @@ adapters either way, at a fraction of the bytes.
 
 Channels reconnect fast (RECONNECT_BACKOFF_MS: with gRPC's default backoff, growing to 120 s, a sidecar
 restarted after a 15 s or 90 s outage was used again 8 s or 18 s after it answered health) and calls
-never wait for a connection (wait_for_ready=False): while the sidecar is down a call fails at once, and
-the plugin runs that batch on the base model instead of holding it for the deadline.
+never wait for a connection (wait_for_ready=False): while the sidecar is down a call fails within the
+few short retries of service_config (~70 ms), and the plugin runs that batch on the base model instead
+of holding it for the deadline.
+
+The address is any gRPC target: `host:port` or `unix:PATH` for one sidecar, or `dns:///name:port`,
+`ipv4:a:p,b:p`, `ipv6:...` for a set of interchangeable replicas, which the client connects to all at
+once, spreads calls over (the healthy ones) and moves a call off a lost one (service_config), so
+losing a replica costs no batch while another is up.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +52,56 @@ RECONNECT_BACKOFF_MS = {
     "grpc.max_reconnect_backoff_ms": 1000,
 }
 PAUSED_STATE = "paused"  # trailing metadata `chameleon-state` of an Adapt refused by a paused sidecar
+
+# Retries of a call answered UNAVAILABLE: a replica killed with the call in flight, or a connection
+# closed under it (a draining sidecar, the server's --max-connection-age). Safe to repeat: Adapt and
+# GetManifest are deterministic and change nothing on the sidecar, so a second answer is the first one.
+# gRPC enforces the call's deadline over all attempts together (the plugins' is 500 ms by default): a
+# retry never makes a batch wait past it, it only turns a failure into an answer while time is left.
+# Only UNAVAILABLE: any other status is the service's considered answer. The backoffs (gRPC core: 10,
+# 20, 40 ms, each +-20%) stay short because a call that no replica can take is retried too: while every
+# sidecar is down a batch falls back after ~70 ms instead of at once, still far inside its deadline.
+# gRPC caps the attempts at 5.
+RETRY_MAX_ATTEMPTS = 4
+RETRY_INITIAL_BACKOFF = "0.01s"
+RETRY_MAX_BACKOFF = "0.1s"
+RETRY_BACKOFF_MULTIPLIER = 2
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdapterService"].full_name  # chameleon.v1.AdapterService
+# Targets that name a set of replicas, gRPC's resolver schemes; a plain `host:port` or `unix:PATH` is one
+# sidecar, as before.
+REPLICA_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+
+
+def service_config(address: str) -> str:
+    """The gRPC service config of a channel to `address` (JSON).
+
+    A replica set gets round_robin: a connection to every address the target resolves to, each call sent
+    to the next READY one, so a lost replica is skipped from the next pick on; healthCheckConfig counts a
+    replica READY only while its health service says SERVING, so one draining after SIGTERM (NOT_SERVING
+    first) stops getting calls within a round trip instead of refusing them. One sidecar keeps gRPC's
+    pick_first: it connects when a call needs it, so a sidecar restarted on its address is reached by the
+    next call, where round_robin would have tried it at once, failed and waited its reconnect backoff
+    (at least 100 ms in gRPC core). Either way, with wait_for_ready=False a pick fails only when nothing
+    is READY: the plugin then falls back. The retry policy is the same for both."""
+    replicas = address.startswith(REPLICA_SCHEMES)
+    config: dict[str, Any] = {
+        "loadBalancingConfig": [{"round_robin": {}} if replicas else {"pick_first": {}}],
+        "methodConfig": [
+            {
+                "name": [{"service": SERVICE_NAME}],
+                "retryPolicy": {
+                    "maxAttempts": RETRY_MAX_ATTEMPTS,
+                    "initialBackoff": RETRY_INITIAL_BACKOFF,
+                    "maxBackoff": RETRY_MAX_BACKOFF,
+                    "backoffMultiplier": RETRY_BACKOFF_MULTIPLIER,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+    if replicas:
+        config["healthCheckConfig"] = {"serviceName": SERVICE_NAME}
+    return json.dumps(config)
 
 
 GROUPING_NAMES = {pb.GROUPING_POLICY: "policy", pb.GROUPING_PREDICTED_LABEL: "predicted-label"}
@@ -368,11 +425,20 @@ def _request(
     )
 
 
-def _channel_options(max_message_bytes: int, security: ClientSecurity | None) -> list[tuple[str, Any]]:
+def _channel_options(
+    address: str, max_message_bytes: int, security: ClientSecurity | None
+) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         *RECONNECT_BACKOFF_MS.items(),
+        ("grpc.service_config", service_config(address)),
+        # Ours only: a DNS TXT record must not swap the balancing or retry policy of a model server.
+        ("grpc.service_config_disable_resolution", 1),
+        ("grpc.enable_retries", 1),
+        # A retry resends the request, which gRPC keeps only up to this size (256 KiB by default, about
+        # 110 rows of a 576-wide statistic): a larger request would silently never be retried.
+        ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
         # Own connection: gRPC otherwise shares one among channels with equal arguments, so a client's
         # reconnect timing (and its `disconnects` count) would depend on other clients in the process.
         ("grpc.use_local_subchannel_pool", 1),
@@ -382,7 +448,7 @@ def _channel_options(max_message_bytes: int, security: ClientSecurity | None) ->
 
 def _channel(module: Any, address: str, max_message_bytes: int, security: ClientSecurity | None) -> Any:
     """A secure channel when `security.tls`, else an insecure one (`module`: grpc or grpc.aio)."""
-    options = _channel_options(max_message_bytes, security)
+    options = _channel_options(address, max_message_bytes, security)
     if security is not None:
         security.warn_if_exposed(address)
         if security.tls:
@@ -393,9 +459,12 @@ def _channel(module: Any, address: str, max_message_bytes: int, security: Client
 class AdapterClient:
     """Blocking client. `timeout` (seconds) is the default deadline of every call.
 
+    `address`: any gRPC target, one sidecar or several interchangeable replicas (module docstring).
     `security`: TLS, mTLS and a bearer token (ClientSecurity); None is plaintext without a token.
-    `disconnects` counts the times the channel lost a ready connection, so a caller can tell that the
-    sidecar behind the address may have been restarted (and re-check its manifest)."""
+    `disconnects` counts the times the channel went from READY to not ready, so a caller can tell that
+    the sidecar behind the address may have been restarted (and re-check its manifest). A replica set's
+    channel is READY while any replica is: it counts the times all of them were lost at once. (One
+    sidecar's connection closed by its --max-connection-age counts too: a cheap, needless re-check.)"""
 
     def __init__(
         self,
@@ -459,7 +528,9 @@ class AdapterClient:
         )
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
-        """ "SERVING", "NOT_SERVING", ... as the standard grpc.health.v1 service reports it."""
+        """ "SERVING", "NOT_SERVING", ... as the standard grpc.health.v1 service reports it. A replica
+        set's channel reaches only replicas that say SERVING, so there it raises UNAVAILABLE instead while
+        none does (probe one replica by its own address to see its status)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self.channel)
@@ -472,7 +543,9 @@ class AdapterClient:
                 request,
                 timeout=self.timeout if timeout is None else timeout,
                 metadata=self._metadata,
-                wait_for_ready=False,  # fail at once while disconnected: the batch falls back now
+                # No waiting for a connection: with no replica READY the call fails (after the retry
+                # backoffs) and the batch falls back now, instead of at the deadline.
+                wait_for_ready=False,
             )
         except grpc.RpcError as exc:
             raise AdapterServiceError.from_rpc_error(exc) from exc

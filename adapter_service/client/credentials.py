@@ -137,12 +137,29 @@ class ClientSecurity:
 
 
 def is_local(address: str) -> bool:
-    """True for unix sockets and loopback hosts, where plaintext never leaves the machine."""
+    """True for unix sockets and loopback hosts, where plaintext never leaves the machine: a gRPC target
+    (`host:port`, `dns:[//authority/]host:port`, `ipv4:`/`ipv6:` lists) is local only when every address
+    it names is loopback (the DNS server of a `dns://authority/` target is asked names, never sent calls)."""
     if address.startswith(("unix:", "unix-abstract:")):
         return True
-    host = address.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
-    host = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
-    host = host.strip("[]")
+    if address.startswith(("ipv4:", "ipv6:")):
+        endpoints = address[len("ipv4:") :].split(",")
+    elif address.startswith("dns:"):
+        rest = address[len("dns:") :]
+        endpoints = [rest[2:].split("/", 1)[-1] if rest.startswith("//") else rest]
+    else:
+        endpoints = [address]
+    return all(_is_loopback(_host(endpoint.strip())) for endpoint in endpoints)
+
+
+def _host(endpoint: str) -> str:
+    """`host:port`, `[v6]:port`, `host` or a bare IPv6 address -> the host."""
+    if endpoint.startswith("["):
+        return endpoint[1:].split("]", 1)[0]
+    return endpoint.rsplit(":", 1)[0] if endpoint.count(":") == 1 else endpoint
+
+
+def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

@@ -57,6 +57,9 @@ class ServerConfig:
     ort_threads: int = 0  # 0: onnxruntime's default
     seed: int = 0
     grace_seconds: float = 5.0
+    # > 0: close each client connection after about this many seconds (GOAWAY, calls in flight get
+    # grace_seconds), so clients of a `dns:///` target reconnect and re-resolve, and find new replicas.
+    max_connection_age_s: float = 0.0
     expect_sha256: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -72,6 +75,9 @@ class AdapterServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.tls = _tls_files(config)
+        age = config.max_connection_age_s
+        if not 0 <= age < float("inf"):
+            raise ServiceError(f"max_connection_age_s: expected 0 (never) or a positive number, got {age}")
         # Before the artifact loads: an unsafe exposure is refused in a moment, not after the load.
         check_exposure(
             config.address,
@@ -106,6 +112,15 @@ class AdapterServer:
             ("grpc.max_send_message_length", limits.max_message_bytes + 1024 * 1024),
             ("grpc.so_reuseport", 0),  # a second server must fail to bind, not share (hijack) the port
         ]
+        if config.max_connection_age_s > 0:
+            # A client resolves a `dns:///` target when it connects and again only when a connection
+            # drops, so without an age it never sees replicas added later. The GOAWAY fails no call: calls
+            # in flight get the grace, calls racing it are retried by the client. gRPC adds +-10% jitter,
+            # so a fleet's clients do not all reconnect at once.
+            options += [
+                ("grpc.max_connection_age_ms", _milliseconds(config.max_connection_age_s)),
+                ("grpc.max_connection_age_grace_ms", _milliseconds(config.grace_seconds)),
+            ]
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if config.auth_token:
             on_refuse = self.metrics.refused.labels("unauthenticated").inc
@@ -231,6 +246,11 @@ class AdapterServer:
     async def wait(self) -> None:
         if self.server is not None:
             await self.server.wait_for_termination()
+
+
+def _milliseconds(seconds: float) -> int:
+    """A gRPC duration argument: a C int of milliseconds (at most ~24 days), at least 1."""
+    return min(2**31 - 1, max(1, round(seconds * 1000)))
 
 
 def _tls_files(config: ServerConfig) -> TlsFiles | None:

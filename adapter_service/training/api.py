@@ -10,6 +10,8 @@ recipe's key names; the result is what the CLI prints and writes.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import time
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    artifact: Any  # core.artifact.Artifact
+    artifact: Any  # core.artifact.Artifact; None on the ranks other than 0 under torchrun
     best_validation_nll: float
     best_step: int
     targets: list[str]
@@ -49,11 +51,22 @@ def recipe_name(recipe: str | Path) -> str:
 
 
 def train_artifact(
-    out: str | Path, recipe: str | Path = DEFAULT, command: str | None = None, **overrides: Any
+    out: str | Path,
+    recipe: str | Path = DEFAULT,
+    command: str | None = None,
+    *,
+    device: str = "auto",
+    checkpoint_dir: str | Path | None = None,
+    **overrides: Any,
 ) -> TrainOutcome:
-    """Train a hyper-network (or a static LoRA: `kind="static"`) and write its artifact to `out`."""
+    """Train a hyper-network (or a static LoRA: `kind="static"`) and write its artifact to `out`.
+
+    `device`: "auto" (a GPU when there is one), "cpu" or "cuda". Under torchrun every process trains
+    its share of each batch (distributed.py) and rank 0 writes the artifact. `checkpoint_dir`: save at
+    every validation and resume an interrupted run from there (checkpoint.py)."""
     import torch
 
+    from adapter_service.training import distributed
     from adapter_service.training.export import export_artifact, plan_export
     from adapter_service.training.hypernetwork import build_network, emitted_rank
     from adapter_service.training.trainer import (
@@ -67,7 +80,8 @@ def train_artifact(
     )
 
     s = SimpleNamespace(**resolve(recipe, overrides))
-    model, tokenizer, splits = _inputs(s)
+    processes = distributed.start(device)
+    model, tokenizer, splits = _inputs(s, processes)
     targets = resolve_targets(s.targets, model)
     routing = resolve_routing(s.routing, s.network, splits.train)
     plan = plan_export(
@@ -111,9 +125,16 @@ def train_artifact(
         splits.train,
         splits.validation,
         config,
+        progress=processes.main,
         prefix=prefix,
         statistics=StatisticCache(model, plan.manifest_base["statistic"], tokenizer=tokenizer),
+        processes=processes,
+        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
     )
+    outcome = TrainOutcome(None, result.best_validation_nll, result.best_step, targets)
+    if not processes.main:
+        processes.barrier()  # returns once rank 0 has written the artifact
+        return outcome
     facts = {
         "trained": True,
         "recipe": recipe_name(recipe),
@@ -142,11 +163,13 @@ def train_artifact(
         "warmup_steps": config.warmup_steps,
         "clip_grad_norm": config.clip_grad_norm,
         "batch_size": s.batch_size,
+        "processes": processes.world_size,
     }
     if command:
         facts["command"] = command
-    artifact = export_artifact(network.eval(), plan, out, facts=facts)
-    return TrainOutcome(artifact, result.best_validation_nll, result.best_step, targets)
+    artifact = export_artifact(network.cpu().eval(), plan, out, facts=facts)
+    processes.barrier()
+    return dataclasses.replace(outcome, artifact=artifact)
 
 
 def evaluate(
@@ -157,17 +180,24 @@ def evaluate(
     skip: Sequence[str] = (),
     reuse: Sequence[str | Path] = (),
     command: str | None = None,
+    device: str = "auto",
     **overrides: Any,
 ) -> dict:
     """The fair comparison (every method, seeds, intervals) into `out`; returns the report data and
-    writes report.json/md/png unless `only` computes a subset (parallel workers on one `out`)."""
+    writes report.json/md/png unless `only` computes a subset (parallel workers on one `out`).
+
+    Under torchrun the study's runs are dealt out over the processes, each run trained by one of them
+    (the same numbers as one process, and no gradient traffic: a study is many independent runs); rank
+    0 then gathers the report."""
+    from adapter_service.training import distributed
     from adapter_service.training.evaluation import StudyConfig, run_study
     from adapter_service.training.report import write_report
     from adapter_service.training.trainer import resolve_routing
 
     started = time.perf_counter()
     s = SimpleNamespace(**resolve(recipe, overrides))
-    model, tokenizer, splits = _inputs(s)
+    processes = distributed.start(device)
+    model, tokenizer, splits = _inputs(s, processes)
     config = StudyConfig(
         targets=resolve_targets(s.targets, model),
         rank=s.rank,
@@ -200,19 +230,28 @@ def evaluate(
         clip_grad_norm=_clip(s),
     )
     out = Path(out)
-    report = run_study(
+    study = functools.partial(
+        run_study,
         model,
         splits.train,
         splits.validation,
         splits.test,
         config,
         out,
-        only=only,
+        progress=processes.main,
         tokenizer=tokenizer,
         skip=skip,
         reuse=[Path(d) for d in reuse],
     )
-    # A study's wall time is the sum over its invocations, parallel `only` workers included.
+    report = study(only=only, processes=processes)
+    if processes.distributed:
+        processes.barrier()  # every rank's runs are saved
+        if not processes.main:
+            return report
+        if not only:
+            report = study(only=None)  # every run is saved now: this only gathers them
+    # A study's wall time is the sum over its invocations, parallel `only` workers included (under
+    # torchrun, rank 0's: it waits for the others).
     ledger = out / "wall_seconds.json"
     spent = json.loads(ledger.read_text()) if ledger.exists() else []
     spent.append(time.perf_counter() - started)
@@ -236,14 +275,16 @@ def resolve_targets(targets: str | Sequence[str], model: Any) -> list[str]:
     return [t.strip() for t in names if t.strip()]
 
 
-def _inputs(s: SimpleNamespace):
+def _inputs(s: SimpleNamespace, processes: Any):
     from adapter_service.models.loading import load_causal_lm
     from adapter_service.training.trainer import load_examples
 
-    model, tokenizer = load_causal_lm(s.model)
+    model, tokenizer = load_causal_lm(s.model, device=str(processes.device))
     splits = load_examples(
         s.data, tokenizer, s.prompt_tokens, s.continuation_tokens, s.max_per_label, s.split_seed, s.drop_label
     )
+    if not processes.main:
+        return model, tokenizer, splits
     print(
         f"{s.data}: {len(splits.train)} train / {len(splits.validation)} validation / "
         f"{len(splits.test)} test examples ({s.prompt_tokens} prompt + {s.continuation_tokens} "

@@ -8,6 +8,7 @@ each (seed, method) are written as they finish, so an interrupted study resumes 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ import torch
 
 from adapter_service.core.clustering import AutoK, ClusteringPolicy, FixedK
 from adapter_service.training.diagnostics import grouping_diagnostics
+from adapter_service.training.distributed import Processes
 from adapter_service.training.export import plan_export
 from adapter_service.training.hypernetwork import HyperNetworkConfig, build_network, emitted_rank
 from adapter_service.training.trainer import (
@@ -207,6 +209,7 @@ def run_study(
     tokenizer: Any = None,
     skip: Sequence[str] = (),
     reuse: Sequence[Path] = (),
+    processes: Processes | None = None,
 ) -> dict:
     """Train and score every method for every seed; returns (and writes) the report data.
 
@@ -219,13 +222,23 @@ def run_study(
     With `config.lrs`, each trained run is saved per rate (`static-lr0.004-seed0.json`) and chosen on
     validation, so no method is compared at a rate that suits another. `reuse`: single-rate study
     directories (same data, a rate this study uses) whose runs are taken instead of retrained wherever
-    every setting the run depends on matches (`_trained_with`)."""
+    every setting the run depends on matches (`_trained_with`).
+
+    `processes` (torchrun, distributed.py): the runs are dealt out over the ranks in turn, each trained
+    whole by one process, so the numbers are those of one process; like `only`, no report is written
+    (a last call without `processes` gathers it)."""
+    shared = processes is not None and processes.distributed
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs"
     runs.mkdir(exist_ok=True)
+    if shared and not processes.main:
+        processes.barrier()  # rank 0 claims the directory and copies reused runs first
     identity = _claim(out, config, train_examples, validation_examples, test_examples)
-    for source in reuse:
-        _reuse(source, identity, config, runs)
+    if not shared or processes.main:
+        for source in reuse:
+            _reuse(source, identity, config, runs)
+    if shared and processes.main:
+        processes.barrier()
     adapter_rank = emitted_rank(config.network, config.rank, config.bases)
     plan = plan_export(
         model,
@@ -325,14 +338,16 @@ def run_study(
         }
 
     run_seconds: dict[str, float | None] = {}  # per saved run: the compute it took (None: not recorded)
+    order = itertools.count()  # every rank meets the runs in the same order
 
     def cached(name: str, seed: int, compute, lr: float | None = None) -> dict | None:
         path = runs / (f"{name}-seed{seed}.json" if lr is None else f"{name}-lr{lr:g}-seed{seed}.json")
+        index = next(order)
         if name in skip:
             return None
         if path.exists():
             record = json.loads(path.read_text())
-        elif only is not None and name not in only:
+        elif (only is not None and name not in only) or (shared and not processes.owns(index)):
             return None
         else:
             started = time.perf_counter()
@@ -458,8 +473,8 @@ def run_study(
                     ),
                 ),
             )
-    if only is not None:
-        return {"computed_only": sorted(only)}
+    if only is not None or shared:
+        return {"computed_only": sorted(only or ())}
     report = summarise(records, len(test_examples), config, hyper_params, big_rank)
     if skip:
         report["skipped_runs"] = sorted(skip)

@@ -24,6 +24,7 @@ import random
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,8 @@ from torch import nn
 
 from adapter_service.core.clustering import ClusteringPolicy, FixedK, cluster
 from adapter_service.models.statistics import StatisticLike, compute_statistic
+from adapter_service.training import checkpoint
+from adapter_service.training.distributed import Processes, unwrap
 from adapter_service.training.hypernetwork import (
     LABEL_ROUTINGS,
     AdapterGenerator,
@@ -179,7 +182,8 @@ class StatisticCache:
 
     def __call__(self, prompts: Sequence[tuple[int, ...]], network: nn.Module | None = None) -> torch.Tensor:
         if isinstance(network, AdapterGenerator) and not network.uses_statistic:
-            return torch.ones(len(prompts), network.config.stat_dim)
+            device = self.model.get_input_embeddings().weight.device
+            return torch.ones(len(prompts), network.config.stat_dim, device=device)
         missing = list(dict.fromkeys(p for p in prompts if p not in self._rows))
         with torch.no_grad():
             for start in range(0, len(missing), self.chunk):
@@ -191,7 +195,8 @@ class StatisticCache:
 
     def pin(self, rows: dict[tuple[int, ...], torch.Tensor]) -> None:
         """Fixed rows for these prompts instead of computed ones (evaluation's label oracle)."""
-        self._rows.update(rows)
+        device = self.model.get_input_embeddings().weight.device
+        self._rows.update({prompt: row.to(device) for prompt, row in rows.items()})
 
 
 def adapters_for_batch(
@@ -200,19 +205,22 @@ def adapters_for_batch(
     stats: torch.Tensor,
     policy: ClusteringPolicy,
     seed: int = 0,
+    rows: slice = slice(None),
 ) -> BatchAdapters:
-    """Cluster the batch as the service does, run the network once on all centroids, gather per row."""
+    """Cluster the batch as the service does, run the network once on all centroids, gather per row
+    (of `rows` only: a rank's share of the batch, distributed.py)."""
     grouping = cluster(stats.detach().cpu().numpy(), policy, seed=seed)
     centroids = torch.from_numpy(grouping.centroids).to(stats.device)
     outputs = network(centroids)
-    index = torch.from_numpy(grouping.assignments.astype(np.int64)).to(stats.device)
+    assignments = grouping.assignments[rows]
+    index = torch.from_numpy(assignments.astype(np.int64)).to(stats.device)
     rows = {}
-    for i, group in enumerate(network.config.groups):
+    for i, group in enumerate(unwrap(network).config.groups):
         a_all, b_all = outputs[2 * i], outputs[2 * i + 1]  # [K, L, r, d_in], [K, L, d_out, r]
         a_rows, b_rows = a_all[index], b_all[index]
         for layer, name in enumerate(group_modules[group.name]):
             rows[name] = (a_rows[:, layer], b_rows[:, layer])
-    return BatchAdapters(grouping.assignments, centroids, rows)
+    return BatchAdapters(assignments, centroids, rows)
 
 
 class PrefixCache:
@@ -439,16 +447,20 @@ def mean_nll(
     statistic: StatisticLike | None = None,
     statistics: StatisticCache | None = None,
     shuffle: bool = False,
+    processes: Processes | None = None,
 ) -> tuple[np.ndarray, int]:
     """Per-example summed NLL over serving-like batches (fixed order); network None = base model.
 
     `shuffle` permutes the statistics within each batch (a control: if conditioning matters, giving
-    each request another request's statistic must hurt)."""
-    totals = []
-    length = 0
+    each request another request's statistic must hurt). `processes`: score only this rank's batches
+    (dealt out in turn; the caller sums over ranks)."""
+    totals = [np.zeros(0, dtype=np.float32)]
+    length = len(examples[0].continuation) if examples else 0
     statistics = statistics or StatisticCache(model, statistic)
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
+            if processes is not None and not processes.owns(start // batch_size):
+                continue
             chunk = list(examples[start : start + batch_size])
             adapters = None
             if network is not None:
@@ -473,13 +485,19 @@ def train(
     progress: bool = True,
     prefix: PrefixCache | None = None,
     statistics: StatisticCache | None = None,
+    processes: Processes | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> TrainResult:
     """Train `network` (the model stays frozen); keeps the best validation state in `network`.
 
     With `prefix`, only the layers from the first adapted one on run (states before it are cached).
     A network with `fit_statistics` (the mixture) is first fitted to the training statistics (and
-    labels, which only a classifier router uses).
+    labels, which only a classifier router uses). `processes`: this rank under torchrun (distributed.py:
+    each global batch's rows shared out, gradients averaged); the network ends on the model's device.
+    `checkpoint_dir`: save the run at every validation, and resume from what is there.
     """
+    processes = processes or Processes(device=model.get_input_embeddings().weight.device)
+    progress = progress and processes.main
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     model.requires_grad_(False)
@@ -493,28 +511,42 @@ def train(
             seed=config.seed,
             labels=[e.label for e in train_examples],
         )
-    applier = DeltaApplier(model, names, scaling)
+    network.to(model.get_input_embeddings().weight.device)
     lr_factor(1, config.schedule, config.warmup_steps, config.max_steps)  # refuse a bad schedule now
     if config.clip_grad_norm is not None and not config.clip_grad_norm > 0:
         raise ValueError(f"clip_grad_norm: expected a positive number or None, got {config.clip_grad_norm!r}")
+    rows = processes.shard(config.batch_size)  # refuse a batch that does not split before any work
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     stream = batches(train_examples, config.batch_size, config.batching, rng)
-    history: list[dict] = []
-    best = (math.inf, 0, copy.deepcopy(network.state_dict()))
-    stale = 0
-    step = 0
+    run = checkpoint.identity(config, network, (train_examples, validation_examples))
+    state = checkpoint.load(checkpoint_dir, run) if checkpoint_dir is not None else None
+    if state is None:
+        state = checkpoint.TrainState(
+            0, {}, {}, math.inf, 0, copy.deepcopy(network.state_dict()), 0, [], done=False
+        )
+    else:
+        network.load_state_dict(state.network)
+        optimizer.load_state_dict(state.optimizer)
+        for _ in range(state.step):  # the same batches as an uninterrupted run from here on
+            next(stream)
+        log.info("resuming from step %d of %s", state.step, checkpoint_dir)
+    trained = processes.wrap(network)
+    applier = DeltaApplier(model, names, scaling)
+    step = state.step
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=config.max_steps, desc="training", unit="step", disable=not progress)
-        for step in range(1, config.max_steps + 1):
+        bar = tqdm(total=config.max_steps, initial=step, desc="training", unit="step", disable=not progress)
+        for step in range(state.step + 1, 0 if state.done else config.max_steps + 1):
             chunk = next(stream)
             stats = statistics([e.prompt for e in chunk], network)
+            # The whole batch is clustered and generated for on every rank; each computes its rows.
             adapters = adapters_for_batch(
-                network, group_modules, stats, config.policy, seed=config.seed + step
+                trained, group_modules, stats, config.policy, seed=config.seed + step, rows=rows
             )
-            nll, length = continuation_nll(model, applier, chunk, adapters, prefix)
-            loss = nll.sum() / (len(chunk) * length)
+            nll, length = continuation_nll(model, applier, chunk[rows], adapters, prefix)
+            # Scaled so that the ranks' averaged gradients are those of the whole batch's mean NLL.
+            loss = nll.sum() * processes.world_size / (len(chunk) * length)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.clip_grad_norm is not None:
@@ -523,8 +555,9 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = rate
             optimizer.step()
+            (train_nll,) = processes.sum([nll.detach().sum().item() / (len(chunk) * length)])
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{train_nll:.4f}")
             if step % config.eval_every == 0 or step == config.max_steps:
                 val, val_len = mean_nll(
                     model,
@@ -538,20 +571,32 @@ def train(
                     prefix,
                     config.statistic,
                     statistics,
+                    processes=processes,
                 )
-                val_nll = float(val.sum() / (len(val) * val_len))
-                history.append({"step": step, "train_nll": loss.item(), "validation_nll": val_nll})
-                if val_nll < best[0]:
-                    best, stale = (val_nll, step, copy.deepcopy(network.state_dict())), 0
+                (total,) = processes.sum([val.sum()])
+                val_nll = total / (len(validation_examples) * val_len)
+                state.history.append({"step": step, "train_nll": train_nll, "validation_nll": val_nll})
+                if val_nll < state.best_validation_nll:
+                    state.best_validation_nll, state.best_step = val_nll, step
+                    state.best_network, state.stale = copy.deepcopy(network.state_dict()), 0
                 else:
-                    stale += 1
-                    if stale >= config.patience:
-                        break
+                    state.stale += 1
+                state.step, state.done = step, state.stale >= config.patience or step == config.max_steps
+                if checkpoint_dir is not None and processes.main:
+                    state.network, state.optimizer = network.state_dict(), optimizer.state_dict()
+                    checkpoint.save(checkpoint_dir, state, run)
+                if state.done:
+                    break
         bar.close()
     finally:
         applier.remove()
-    network.load_state_dict(best[2])
-    return TrainResult(best_step=best[1], best_validation_nll=best[0], history=history, steps=step)
+    network.load_state_dict(state.best_network)
+    return TrainResult(
+        best_step=state.best_step,
+        best_validation_nll=state.best_validation_nll,
+        history=state.history,
+        steps=step,
+    )
 
 
 @dataclass

@@ -820,7 +820,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", default=None, help="name reported in /info (default: --model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080, help="0 picks a free port (logged)")
-    p.add_argument("--sidecar", default=None, metavar="ADDRESS", help="adapter service address (host:port)")
+    p.add_argument(
+        "--sidecar",
+        default=None,
+        metavar="ADDRESS",
+        help="adapter service address: host:port, unix:PATH, or a gRPC target naming several replicas "
+        "(dns:///name:port, ipv4:a:p,b:p)",
+    )
     p.add_argument("--deadline-ms", type=float, default=500.0, help="per-batch deadline of the sidecar call")
     p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long a batch collects requests")
     p.add_argument("--max-batch-size", type=int, default=32)

@@ -13,7 +13,9 @@ from adapter_service.core.clustering import AutoK, ClusteringPolicy
 
 @dataclass(frozen=True)
 class TGIPluginConfig:
-    sidecar: str = "127.0.0.1:50051"  # CHAMELEON_SIDECAR: host:port or unix:PATH of `chameleon serve`
+    # CHAMELEON_SIDECAR: host:port or unix:PATH of `chameleon serve`, or any gRPC target naming several
+    # replicas (dns:///name:port, ipv4:a:p,b:p): calls are spread over them and moved off a lost one.
+    sidecar: str = "127.0.0.1:50051"
     deadline_s: float = 0.5  # CHAMELEON_DEADLINE_MS: per Adapt call; later answers mean base model
     manifest_timeout_s: float = 5.0  # CHAMELEON_MANIFEST_TIMEOUT_MS: at shard start-up
     policy: ClusteringPolicy = field(

@@ -37,3 +37,16 @@ def test_adapt_latency_quick_run(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "adapt_latency.json").read_text())
     assert {r["path"] for r in report["records"]} == {"fresh", "cached"}
     assert len(report["records"]) == 12 and all(r["calls"] == 10 for r in report["records"])
+
+
+def test_sidecar_capacity_quick_run(tmp_path: Path) -> None:
+    assert _load("sidecar_capacity").main(["--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "sidecar_capacity.json").read_text())
+    records = report["records"]
+    assert len(records) == 8 and all(r["calls"] > 0 and r["errors"] == 0 for r in records)
+    assert len(report["capacity_per_core"]) == 4
+    # weights only cost the sidecar less than whole adapters, for either artifact
+    for artifact in {r["artifact"] for r in records}:
+        per = {r["form"]: r["sidecar_cpu_ms_per_call"] for r in records if r["artifact"] == artifact}
+        assert per["compact"] < per["whole"], artifact
+    assert (tmp_path / "sidecar_capacity.png").stat().st_size > 0

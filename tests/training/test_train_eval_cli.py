@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -11,25 +10,14 @@ from pathlib import Path
 import pytest
 
 from adapter_service.core.artifact import load_artifact
-from samples import SENTENCES, tiny_model, tiny_tokenizer
+from samples import SENTENCES, labelled_study, tiny_model, tiny_tokenizer
 
 CHAMELEON = Path(sys.executable).with_name("chameleon")
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("cli-study")
-    tokenizer = tiny_tokenizer()
-    model_dir = root / "model"
-    tiny_model(tokenizer).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    rng = random.Random(0)
-    with open(root / "data.jsonl", "w") as f:
-        for i in range(60):
-            label = i % 3
-            words = " ".join(rng.choice(SENTENCES[label].split()) for _ in range(60))
-            f.write(json.dumps({"text": words, "label": f"topic{label}"}) + "\n")
-    return model_dir, root / "data.jsonl"
+    return labelled_study(tmp_path_factory.mktemp("cli-study"))
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

@@ -79,13 +79,14 @@ class Processes:
 
     def wrap(self, network: torch.nn.Module) -> torch.nn.Module:
         """`network` under DistributedDataParallel (gradients averaged over the ranks), or as is.
-        Unused parameters are allowed: a router may freeze some (a table router's prototypes)."""
+        Every generator uses each trainable parameter at every step (a table router's prototypes are
+        frozen, so DDP ignores them), so no search for unused ones."""
         if not self.distributed:
             return network
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(network, device_ids=ids, find_unused_parameters=True)
+        return DistributedDataParallel(network, device_ids=ids)
 
     def _wire(self) -> torch.device:
         """NCCL moves only CUDA tensors; gloo only CPU ones."""

@@ -369,6 +369,12 @@ def _add_recipe_options(p: argparse.ArgumentParser, command: str) -> None:
     opt("--max-per-label", type=int, help="cap documents per label (fast runs)")
     opt("--drop-label", action="append", help="leave out a label (repeatable)")
     opt("--split-seed", type=int, help="the document split; fixed across seeds")
+    opt(
+        "--split-by",
+        choices=("source", "document"),
+        help="split whole sources (a jsonl line's `source`, a folder's file, a .txt file's paragraphs), so "
+        "parts of one text never land in two splits; or single documents",
+    )
     opt("--batch-size", type=int)
     opt("--steps", type=int, help="most optimiser steps; validation early stopping usually ends sooner")
     opt("--eval-every", type=int)
@@ -416,6 +422,18 @@ def _add_recipe_options(p: argparse.ArgumentParser, command: str) -> None:
     if command == "train":
         opt("--kind", choices=("hyper", "static"))
         opt("--seed", type=int)
+        opt(
+            "--baseline",
+            choices=("static", "none"),
+            help="also train the static LoRA of the same size on the same data and report base / static / "
+            "Chameleon validation NLL (the manifest records them); 'none' skips it",
+        )
+        opt("--min-gain", type=float, help="NLL per token Chameleon must gain over the static LoRA")
+        opt(
+            "--fallback-to-static",
+            action="store_true",
+            help="when Chameleon does not gain --min-gain over the static LoRA, export that LoRA instead",
+        )
     else:
         opt("--seeds", type=int, nargs="+")
         p.add_argument("--no-experts", action="store_true", help="skip the per-domain expert LoRAs")

@@ -19,10 +19,13 @@ Sources, all read without network access:
 * a user's own files: a ``.jsonl`` file (one JSON object per line), a ``.txt`` file (one document per
   blank-line-separated paragraph), or a folder of such files; inside a folder, each sub-folder is a label
   and each ``.txt`` file in it is one whole document (the usual ``corpus/<label>/*.txt`` layout).
+  Each document may have a source, what it was cut from: a jsonl line's ``source`` field, else, inside a
+  folder, its file; the paragraphs of a ``.txt`` file share the file.
 
-`split_documents` splits by document with a fixed seed, stratified by label, so no document (and no label's
-share) leaks between splits; `prompt_and_continuation` cuts a tokenised document into the prompt the adapter
-statistic may see and the continuation that is scored, so scored tokens never leak into the statistic.
+`split_documents` splits by document (or by source) with a fixed seed, stratified by label, so no document
+(no source) and no label's share leaks between splits; `prompt_and_continuation` cuts a tokenised document
+into the prompt the adapter statistic may see and the continuation that is scored, so scored tokens never
+leak into the statistic.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from pathlib import Path
 from adapter_service.data import debian_corpora
 
 log = logging.getLogger(__name__)
+SOURCE_FIELD = "source"  # the jsonl field naming what a document was cut from
 
 __all__ = [
     "PRESETS",
@@ -61,6 +65,9 @@ class Document:
     text: str
     label: str | None
     doc_id: str  # stable across runs: source and index, or path relative to the source
+    # What the document was cut from (a book, a repository, a conversation): with split_documents'
+    # `by_source`, documents of one source never land in two splits. None: the document stands alone.
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -221,17 +228,24 @@ def _read_text(path: Path, warn: bool = True) -> str:
         return data.decode("cp1252", errors="replace")
 
 
-def _label_value(value: object, where: str, field: str) -> str | None:
+def _optional_name(value: object, where: str, field: str) -> str | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise ValueError(f"{where}: label field {field!r} must be a string or an integer, got {value!r}")
+        raise ValueError(f"{where}: field {field!r} must be a string or an integer, got {value!r}")
     return str(value).strip() or None
 
 
 def _read_jsonl(
-    path: Path, doc_prefix: str, text_field: str, label_field: str, default_label: str | None
+    path: Path,
+    doc_prefix: str,
+    text_field: str,
+    label_field: str,
+    default_label: str | None,
+    default_source: str | None = None,
 ) -> Iterator[Document]:
+    """One document per line; a line's `source` field (a string or an integer) names what it was cut
+    from, else `default_source` (the file, inside a folder)."""
     with path.open(encoding="utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -248,8 +262,14 @@ def _read_jsonl(
             text = record[text_field]
             if not isinstance(text, str):
                 raise ValueError(f"{where}: text field {text_field!r} must be a string, got {text!r:.80}")
-            label = _label_value(record.get(label_field), where, label_field)
-            yield Document(text, label if label is not None else default_label, f"{doc_prefix}:{number}")
+            label = _optional_name(record.get(label_field), where, label_field)
+            source = _optional_name(record.get(SOURCE_FIELD), where, SOURCE_FIELD)
+            yield Document(
+                text,
+                label if label is not None else default_label,
+                f"{doc_prefix}:{number}",
+                source if source is not None else default_source,
+            )
 
 
 def _read_paragraphs(path: Path, doc_prefix: str) -> Iterator[Document]:
@@ -262,8 +282,8 @@ def _read_paragraphs(path: Path, doc_prefix: str) -> Iterator[Document]:
         elif current:
             paragraphs.append("\n".join(current))
             current = []
-    for index, paragraph in enumerate(paragraphs):
-        yield Document(paragraph, None, f"{doc_prefix}#{index}")
+    for index, paragraph in enumerate(paragraphs):  # parts of one text: one source
+        yield Document(paragraph, None, f"{doc_prefix}#{index}", doc_prefix)
 
 
 def _visible(path: Path, root: Path) -> bool:
@@ -280,8 +300,8 @@ def _read_folder(root: Path, text_field: str, label_field: str) -> Iterator[Docu
         relative = path.relative_to(root)
         doc_id = relative.as_posix()
         label = relative.parts[0] if len(relative.parts) > 1 else None
-        if path.suffix.lower() == ".jsonl":
-            yield from _read_jsonl(path, doc_id, text_field, label_field, label)
+        if path.suffix.lower() == ".jsonl":  # each file a source, unless its lines name theirs
+            yield from _read_jsonl(path, doc_id, text_field, label_field, label, doc_id)
         elif label is None:
             yield from _read_paragraphs(path, doc_id)
         else:
@@ -341,7 +361,7 @@ def load_documents(
             duplicates += 1
         else:
             seen.add(text)
-            documents.append(Document(text, doc.label, doc.doc_id))
+            documents.append(Document(text, doc.label, doc.doc_id, doc.source))
     log.info(
         "%s: %d documents read, %d shorter than %d characters dropped, %d duplicates dropped, %d kept",
         source,
@@ -355,6 +375,22 @@ def load_documents(
 
 
 # -------------------------------------------------------------------------------------------- splitting
+
+
+def _by_source(groups: dict[str | None, list[Document]]) -> dict[str | None, list[list[Document]]]:
+    """Per label, the sources (lists of their documents, in doc_id order) that count under it: each
+    source under its most common label (ties: the first in sort order), sources ordered by their first
+    doc_id, so a corpus of stand-alone documents gives the units the document split shuffles."""
+    members: dict[str, list[Document]] = {}
+    for doc in sorted((d for m in groups.values() for d in m), key=lambda d: d.doc_id):
+        members.setdefault(doc.source if doc.source is not None else f"\0{doc.doc_id}", []).append(doc)
+    label_of = {doc.doc_id: label for label, docs in groups.items() for doc in docs}
+    units: dict[str | None, list[list[Document]]] = {label: [] for label in groups}
+    for docs in sorted(members.values(), key=lambda docs: docs[0].doc_id):
+        counts = Counter(label_of[d.doc_id] for d in docs)
+        label = min(counts, key=lambda x: (-counts[x], x is not None, x or ""))
+        units[label].append(docs)
+    return {label: found for label, found in units.items() if found}
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -384,8 +420,13 @@ def split_documents(
     seed: int = 0,
     stratify: bool = True,
     max_per_label: int | None = None,
+    by_source: bool = False,
 ) -> Splits:
     """Split by document with a fixed seed into train / validation / test.
+
+    `by_source`: split whole sources instead (`Document.source`; a document without one is its own), so
+    parts of one text never land in two splits; the fractions then count sources, and a source counts
+    under its most common label. With every document its own source the split is the same either way.
 
     With `stratify` and labels present, every label (and the unlabelled documents, if any) is split in
     the same proportions, so each split covers every domain; each split is then shuffled with the seed,
@@ -421,12 +462,13 @@ def split_documents(
         stratified = False
     else:
         stratified = True
+    units = _by_source(groups) if by_source else {k: [[d] for d in m] for k, m in groups.items()}
 
     train: list[Document] = []
     val_docs: list[Document] = []
     test_docs: list[Document] = []
-    for label in sorted(groups, key=lambda x: (x is not None, x or "")):
-        members = list(groups[label])
+    for label in sorted(units, key=lambda x: (x is not None, x or "")):
+        members = list(units[label])
         sizes = _split_sizes(len(members), validation, test)
         if sizes is None:
             what = (
@@ -434,15 +476,23 @@ def split_documents(
                 if stratified and label is not None
                 else ("the unlabelled documents" if stratified else "the corpus")
             )
+            unit = "source(s)" if by_source else "document(s)"
+            hint = (
+                " (parts of one text never go to two splits: give it in more files, name a finer "
+                "`source` per jsonl line, or split by document)"
+                if by_source
+                else ""
+            )
             raise ValueError(
-                f"{what} has only {len(members)} document(s); at least {_minimum_size(validation, test)} "
+                f"{what} has only {len(members)} {unit}; at least {_minimum_size(validation, test)} "
                 f"are needed to appear in train, validation and test (validation={validation}, test={test})"
+                + hint
             )
         n_val, n_test = sizes
         random.Random(f"split/{seed}/{label}").shuffle(members)
-        test_docs += members[:n_test]
-        val_docs += members[n_test : n_test + n_val]
-        train += members[n_test + n_val :]
+        test_docs += [d for unit in members[:n_test] for d in unit]
+        val_docs += [d for unit in members[n_test : n_test + n_val] for d in unit]
+        train += [d for unit in members[n_test + n_val :] for d in unit]
     for name, part in (("train", train), ("validation", val_docs), ("test", test_docs)):
         random.Random(f"order/{seed}/{name}").shuffle(part)
     return Splits(train=train, validation=val_docs, test=test_docs)

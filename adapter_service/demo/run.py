@@ -173,6 +173,7 @@ def run_demo(
         facts.get("max_per_label"),
         facts.get("split_seed", 0),
         facts.get("drop_labels", ()),
+        facts.get("split_by", "document"),  # artifacts made before the option were split by document
     )
     test = splits.test
     print(

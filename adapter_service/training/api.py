@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import logging
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,52 @@ def resolve(recipe: str | Path = DEFAULT, overrides: Mapping[str, Any] | None = 
     return {key: values.get(key) for key in KEYS}
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """Validation NLL per token of the base model, the static LoRA of Chameleon's size and Chameleon:
+    `train` never lets Chameleon pass unnoticed when it does not beat the static LoRA by `min_gain`."""
+
+    base: float
+    static: float
+    chameleon: float
+    min_gain: float = 0.0
+
+    @property
+    def static_wins(self) -> bool:
+        return not self.chameleon < self.static - self.min_gain
+
+    def as_json(self) -> dict:
+        return {
+            "base": self.base,
+            "static": self.static,
+            "chameleon": self.chameleon,
+            "min_gain": self.min_gain,
+            "chameleon_beats_static": not self.static_wins,
+        }
+
+    def report(self, fallback: bool) -> None:
+        """One line on stdout, and a warning on stderr when the static LoRA is as good or better."""
+        print(
+            f"validation NLL per token: base {self.base:.4f}, static LoRA {self.static:.4f}, "
+            f"Chameleon {self.chameleon:.4f}",
+            flush=True,
+        )
+        if not self.static_wins:
+            return
+        then = (
+            "exporting the static LoRA instead (--fallback-to-static): the sidecar serves it unchanged"
+            if fallback
+            else "serve the static LoRA (--fallback-to-static exports it, or train with --kind static)"
+        )
+        message = (
+            f"WARNING: Chameleon ({self.chameleon:.4f}) does not beat the static LoRA of its size "
+            f"({self.static:.4f}) on validation by --min-gain {self.min_gain:g}: adapting per request does "
+            f"not pay on this data; {then}"
+        )
+        log.warning(message)
+        print(message, file=sys.stderr, flush=True)
+
+
 def recipe_name(recipe: str | Path) -> str:
     """How a manifest names the recipe: a shipped name as is, a file by its path."""
     text = str(recipe)
@@ -66,6 +113,7 @@ def train_artifact(
     every validation and resume an interrupted run from there (checkpoint.py)."""
     import torch
 
+    from adapter_service.core.clustering import FixedK
     from adapter_service.training import distributed
     from adapter_service.training.export import export_artifact, plan_export
     from adapter_service.training.hypernetwork import build_network, emitted_rank
@@ -77,6 +125,7 @@ def train_artifact(
         resolve_routing,
         router_labels,
         train,
+        validation_nll,
     )
 
     s = SimpleNamespace(**resolve(recipe, overrides))
@@ -117,28 +166,53 @@ def train_artifact(
         warmup_steps=_warmup(s),
         clip_grad_norm=_clip(s),
     )
-    result = train(
+    statistics = StatisticCache(model, plan.manifest_base["statistic"], tokenizer=tokenizer)
+    fit = functools.partial(
+        train,
         model,
-        network,
-        plan.group_modules,
-        plan.manifest_base["scaling"],
-        splits.train,
-        splits.validation,
-        config,
+        group_modules=plan.group_modules,
+        scaling=plan.manifest_base["scaling"],
+        train_examples=splits.train,
+        validation_examples=splits.validation,
         progress=processes.main,
         prefix=prefix,
-        statistics=StatisticCache(model, plan.manifest_base["statistic"], tokenizer=tokenizer),
+        statistics=statistics,
         processes=processes,
-        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
     )
+    checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    result = fit(network=network, config=config, checkpoint_dir=checkpoints)
+    comparison, falls_back = None, False
+    if s.kind == "hyper" and s.baseline == "static":
+        # The static LoRA of the same targets and rank, trained on the same data and budget: what
+        # Chameleon has to beat on validation to be worth serving.
+        torch.manual_seed(s.seed)
+        static = StaticLoRA(plan.hypernetwork_config)
+        static_config = dataclasses.replace(config, policy=FixedK(1))
+        static_result = fit(
+            network=static,
+            config=static_config,
+            checkpoint_dir=checkpoints / "static" if checkpoints is not None else None,
+        )
+        base = validation_nll(
+            model, None, plan.group_modules, plan.manifest_base["scaling"], splits.validation,
+            static_config, prefix, statistics, processes,
+        )  # fmt: skip
+        chameleon = result.best_validation_nll
+        comparison = Comparison(base, static_result.best_validation_nll, chameleon, s.min_gain)
+        if processes.main:
+            comparison.report(s.fallback_to_static)
+        falls_back = comparison.static_wins and s.fallback_to_static
+        if falls_back:
+            network, result = static, static_result
     outcome = TrainOutcome(None, result.best_validation_nll, result.best_step, targets)
     if not processes.main:
         processes.barrier()  # returns once rank 0 has written the artifact
         return outcome
+    exported = "static" if falls_back else s.kind
     facts = {
         "trained": True,
         "recipe": recipe_name(recipe),
-        "kind": s.kind,
+        "kind": exported,
         "data": s.data,
         "seed": s.seed,
         "steps": result.steps,
@@ -150,6 +224,8 @@ def train_artifact(
         "max_per_label": s.max_per_label,
         "drop_labels": s.drop_label,
         "split_seed": s.split_seed,
+        "split_by": s.split_by,
+        "sources": splits.sources(),
         "batching": s.batching,
         "statistic": s.statistic,
         "targets": targets,
@@ -165,6 +241,10 @@ def train_artifact(
         "batch_size": s.batch_size,
         "processes": processes.world_size,
     }
+    if comparison is not None:
+        facts["validation_nll"] = comparison.as_json()
+        if exported != s.kind:
+            facts["exported_instead_of"] = s.kind
     if command:
         facts["command"] = command
     artifact = export_artifact(network.cpu().eval(), plan, out, facts=facts)
@@ -257,6 +337,8 @@ def evaluate(
     spent.append(time.perf_counter() - started)
     ledger.write_text(json.dumps(spent) + "\n")
     if not only:
+        report["splits"] = {"by": s.split_by, "examples": splits.sizes(), "sources": splits.sources()}
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         command = command or f"evaluate(recipe={recipe_name(recipe)!r})"
         write_report(report, out, command, sum(spent), invocations=len(spent))
     return report
@@ -281,14 +363,23 @@ def _inputs(s: SimpleNamespace, processes: Any):
 
     model, tokenizer = load_causal_lm(s.model, device=str(processes.device))
     splits = load_examples(
-        s.data, tokenizer, s.prompt_tokens, s.continuation_tokens, s.max_per_label, s.split_seed, s.drop_label
+        s.data,
+        tokenizer,
+        s.prompt_tokens,
+        s.continuation_tokens,
+        s.max_per_label,
+        s.split_seed,
+        s.drop_label,
+        s.split_by,
     )
     if not processes.main:
         return model, tokenizer, splits
+    sources = splits.sources()
     print(
         f"{s.data}: {len(splits.train)} train / {len(splits.validation)} validation / "
         f"{len(splits.test)} test examples ({s.prompt_tokens} prompt + {s.continuation_tokens} "
-        "continuation tokens)",
+        f"continuation tokens), from {sources['train']} / {sources['validation']} / {sources['test']} "
+        f"sources (split by {s.split_by})",
         flush=True,
     )
     return model, tokenizer, splits

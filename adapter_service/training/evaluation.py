@@ -43,6 +43,41 @@ from adapter_service.training.trainer import (
 log = logging.getLogger(__name__)
 
 
+def headroom_share_ci(
+    runs: np.ndarray, best_static: np.ndarray, experts: np.ndarray, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float | None, float | None] | None:
+    """The share of the experts' gain over the best static LoRA that a method takes,
+    (static - method) / (static - experts) on mean NLL, with a 95% interval resampling documents (paired,
+    the same for all three) and each method's seeds (independently), all [seeds, documents] arrays of
+    one study. The bounds are None when over 2.5% of resamples leave the experts no gain (the share is
+    undefined there, so no 95% interval exists; the upper bound alone when the few that do reach it);
+    None in all when a method has a single seed."""
+    arrays = [np.asarray(a, dtype=np.float64) for a in (runs, best_static, experts)]
+    if any(a.ndim != 2 or a.shape[1] != arrays[0].shape[1] for a in arrays):
+        raise ValueError(
+            "runs, best_static, experts: expected [seeds, documents] arrays over the same documents, got "
+            + ", ".join(str(list(a.shape)) for a in arrays)
+        )
+    if any(len(a) < 2 for a in arrays):
+        return None
+    method, static, oracle = arrays
+    gain = static.mean() - oracle.mean()
+    share = float((static.mean() - method.mean()) / gain) if gain > 0 else float("nan")
+    rng = np.random.default_rng(seed)
+    documents = method.shape[1]
+    shares = np.empty(n_boot)
+    for i in range(n_boot):
+        docs = rng.integers(0, documents, documents)
+        means = [a[rng.integers(0, len(a), len(a))][:, docs].mean() for a in arrays]
+        headroom = means[1] - means[2]
+        shares[i] = (means[1] - means[0]) / headroom if headroom > 0 else np.nan
+    if np.isnan(shares).mean() > 0.025:
+        return share, None, None
+    shares = np.where(np.isnan(shares), np.inf, shares)  # the few undefined resamples: the upper tail
+    lo, hi = np.percentile(shares, [2.5, 97.5])
+    return share, float(lo), float(hi) if np.isfinite(hi) else None
+
+
 def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Mean of per-document values and its 95% percentile interval, resampling documents."""
     values = np.asarray(values, dtype=np.float64)
@@ -746,6 +781,10 @@ def _headroom(records: dict[str, list[dict]], methods: dict[str, dict]) -> dict 
     experts = methods.get("per-domain experts")
     gain = methods[best]["mean_nll"] - experts["mean_nll"] if experts else None
     if gain is not None and gain > 0:
-        for entry in methods.values():
+        expert_runs = _per_seed(records["per-domain experts"])
+        for name, entry in methods.items():
             entry["share_of_expert_headroom"] = -entry["vs_best_static"]["delta"] / gain
+            with_interval = headroom_share_ci(_per_seed(records[name]), best_runs, expert_runs)
+            if with_interval is not None:
+                entry["share_of_expert_headroom_ci95"] = list(with_interval[1:])
     return {"best_static": best, "experts_gain_over_best_static": gain}

@@ -25,6 +25,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "max_per_label": (int,),
     "drop_label": (list,),
     "split_seed": (int,),
+    "split_by": (str,),
     "prompt_tokens": (int,),
     "continuation_tokens": (int,),
     "targets": (str, list),
@@ -50,6 +51,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "max_k": (int,),
     "kind": (str,),
     "seed": (int,),
+    "baseline": (str,),
+    "min_gain": (float, int),
+    "fallback_to_static": (bool,),
     "seeds": (list,),
     "lrs": (list,),
     "experts": (bool,),
@@ -63,15 +67,17 @@ _CHOICES = {
     "schedule": ("constant", "cosine"),
     "batching": ("mixed", "coherent"),
     "kind": ("hyper", "static"),
+    "split_by": ("source", "document"),
+    "baseline": ("static", "none"),
 }
 _SECTIONS = {
-    "inputs": ("model", "data", "max_per_label", "drop_label", "split_seed", "prompt_tokens",
+    "inputs": ("model", "data", "max_per_label", "drop_label", "split_seed", "split_by", "prompt_tokens",
                "continuation_tokens"),
     "adapter": ("targets", "network", "bases", "rank", "shared_bases", "routing", "routing_sharpness",
                 "hidden", "statistic", "max_delta_norm"),
     "optimisation": ("steps", "batch_size", "lr", "schedule", "warmup_steps", "clip_grad_norm",
                      "eval_every", "patience", "batching", "train_k", "max_k"),
-    "train": ("kind", "seed"),
+    "train": ("kind", "seed", "baseline", "min_gain", "fallback_to_static"),
     "eval": ("seeds", "lrs", "experts", "expert_batch_size", "expert_steps", "oracle_statistic"),
 }  # fmt: skip
 KEYS = tuple(_TYPES)

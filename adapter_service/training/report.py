@@ -43,7 +43,7 @@ def write_report(
         "training run's luck counts as noise (methods with one seed: -).",
         "",
         "| method | NLL | 95% CI | perplexity | Δ vs static (95% CI) | Δ vs best static (95% CI) "
-        "| 95% CI over seeds and documents | share of expert headroom | per-seed NLL | params |",
+        "| 95% CI over seeds and documents | share of expert headroom (95% CI) | per-seed NLL | params |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
@@ -61,7 +61,7 @@ def write_report(
             f"| {name} | {m['mean_nll']:.4f} | {m['ci95'][0]:.4f}-{m['ci95'][1]:.4f} | "
             f"{m['perplexity']:.3f} | {paired(m.get('vs_static_same_rank'))} | "
             f"{paired(m.get('vs_best_static'))} | {over_seeds(m.get('vs_best_static'))} | "
-            f"{'-' if share is None else f'{share:.0%}'} | "
+            f"{_share(share, m.get('share_of_expert_headroom_ci95'))} | "
             f"{seeds} | {m['params']:,} |"
         )
     selection = report.get("lr_selection")
@@ -154,6 +154,19 @@ def write_report(
     elif report.get("statistic") or report.get("routing"):
         title = f"Routed on {_routed_on(report).replace('`', '')}"
     _plot(methods, out / "report.png", title)
+
+
+def _share(share: float | None, interval: list | None) -> str:
+    """ "54% (31%..77%)": the share of the expert headroom, with its interval over seeds and documents
+    when the study has several seeds ("undefined" bounds: some resamples left the experts no gain)."""
+    if share is None:
+        return "-"
+    if interval is None:
+        return f"{share:.0%}"
+    lo, hi = interval
+    if lo is None:
+        return f"{share:.0%} (interval undefined)"
+    return f"{share:.0%} ({lo:.0%}..{'unbounded' if hi is None else f'{hi:.0%}'})"
 
 
 def _rates(pick: float | dict) -> str:

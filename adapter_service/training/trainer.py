@@ -51,6 +51,7 @@ class Example:
     continuation: tuple[int, ...]
     label: str | None = None
     doc_id: str = ""
+    source: str | None = None  # what the document was cut from (corpora.Document.source)
 
 
 def make_examples(
@@ -64,7 +65,9 @@ def make_examples(
         ids = tokenizer(doc.text, add_special_tokens=False).input_ids
         cut = prompt_and_continuation(ids, prompt_tokens, continuation_tokens)
         if cut is not None:
-            examples.append(Example(tuple(cut[0]), tuple(cut[1]), doc.label, doc.doc_id))
+            examples.append(
+                Example(tuple(cut[0]), tuple(cut[1]), doc.label, doc.doc_id, getattr(doc, "source", None))
+            )
     return examples
 
 
@@ -474,6 +477,47 @@ def mean_nll(
     return np.concatenate(totals), length
 
 
+def validation_nll(
+    model: nn.Module,
+    network: nn.Module | None,
+    group_modules: dict[str, list[str]],
+    scaling: float,
+    examples: Sequence[Example],
+    config: TrainConfig,
+    prefix: PrefixCache | None = None,
+    statistics: StatisticCache | None = None,
+    processes: Processes | None = None,
+    applier: DeltaApplier | None = None,
+) -> float:
+    """Mean NLL per continuation token over `examples` in serving-like batches of `config.batch_size`,
+    clustered with `config.policy`; `network` None scores the base model. Under torchrun every rank
+    scores its share of the batches and all get the total."""
+    processes = processes or Processes()
+    own = applier is None
+    if own:
+        applier = DeltaApplier(model, [n for ms in group_modules.values() for n in ms], scaling)
+    try:
+        sums, length = mean_nll(
+            model,
+            applier,
+            network,
+            group_modules,
+            examples,
+            config.policy,
+            config.batch_size,
+            config.seed,
+            prefix,
+            config.statistic,
+            statistics,
+            processes=processes,
+        )
+    finally:
+        if own:
+            applier.remove()
+    (total,) = processes.sum([sums.sum()])
+    return total / (len(examples) * length)
+
+
 def train(
     model: nn.Module,
     network: nn.Module,
@@ -559,22 +603,10 @@ def train(
             bar.update()
             bar.set_postfix(loss=f"{train_nll:.4f}")
             if step % config.eval_every == 0 or step == config.max_steps:
-                val, val_len = mean_nll(
-                    model,
-                    applier,
-                    network,
-                    group_modules,
-                    validation_examples,
-                    config.policy,
-                    config.batch_size,
-                    config.seed,
-                    prefix,
-                    config.statistic,
-                    statistics,
-                    processes=processes,
-                )
-                (total,) = processes.sum([val.sum()])
-                val_nll = total / (len(validation_examples) * val_len)
+                val_nll = validation_nll(
+                    model, network, group_modules, scaling, validation_examples, config, prefix, statistics,
+                    processes, applier,
+                )  # fmt: skip
                 state.history.append({"step": step, "train_nll": train_nll, "validation_nll": val_nll})
                 if val_nll < state.best_validation_nll:
                     state.best_validation_nll, state.best_step = val_nll, step
@@ -599,11 +631,24 @@ def train(
     )
 
 
+SPLITS_BY = ("source", "document")
+
+
 @dataclass
 class ExampleSplits:
     train: list[Example]
     validation: list[Example]
     test: list[Example]
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
+
+    def sources(self) -> dict[str, int]:
+        """How many sources each split's examples come from (an example without one is its own)."""
+        return {
+            name: len({e.source if e.source is not None else f"\0{e.doc_id}" for e in part})
+            for name, part in (("train", self.train), ("validation", self.validation), ("test", self.test))
+        }
 
 
 def load_examples(
@@ -614,8 +659,10 @@ def load_examples(
     max_per_label: int | None = None,
     split_seed: int = 0,
     drop_labels: Sequence[str] = (),
+    split_by: str = "source",
 ) -> ExampleSplits:
-    """A corpus (preset or local path) -> tokenised train/validation/test examples, split by document.
+    """A corpus (preset or local path) -> tokenised train/validation/test examples, split by source
+    (`split_by="source"`: parts of one text never in two splits; corpora.split_documents) or by document.
 
     Documents too short for prompt + continuation are dropped *before* splitting, so every split
     keeps its share; the split seed is fixed separately from training seeds, so seeds vary the
@@ -631,7 +678,11 @@ def load_examples(
             f"data: {data} has {len(documents)} usable documents; expected at least 3 (one per split), each "
             f"at least 200 characters and {need} tokens (prompt_tokens + continuation_tokens), no duplicates"
         )
-    splits = split_documents(documents, seed=split_seed, max_per_label=max_per_label)
+    if split_by not in SPLITS_BY:
+        raise ValueError(f"split_by: expected one of {', '.join(SPLITS_BY)}, got {split_by!r}")
+    splits = split_documents(
+        documents, seed=split_seed, max_per_label=max_per_label, by_source=split_by == "source"
+    )
     return ExampleSplits(
         *(
             make_examples(part, tokenizer, prompt_tokens, continuation_tokens)

@@ -83,7 +83,7 @@ def test_jsonl_custom_fields_and_integer_labels(tmp_path: Path) -> None:
         ("{not json", "not valid JSON"),
         ('["a list"]', "expected a JSON object"),
         ('{"text": 5}', "text field 'text' must be a string"),
-        ('{"text": "x", "label": [1]}', "label field 'label' must be"),
+        ('{"text": "x", "label": [1]}', "field 'label' must be"),
     ],
 )
 def test_jsonl_bad_line_names_file_and_line(tmp_path: Path, line: str, reason: str) -> None:
@@ -275,6 +275,80 @@ def test_splits_labels() -> None:
 
 
 # ------------------------------------------------------------------------------------------- tokens
+
+
+def chunked(sources: dict[str, int], chunks: int) -> list[Document]:
+    """`chunks` parts of each source text, labelled by the part of the source name before '/'."""
+    return [
+        Document(text(f"{name}-{i}"), name.split("/")[0], f"doc:{name}:{i}", name)
+        for name in sources
+        for i in range(chunks)
+    ]
+
+
+def test_split_by_source_keeps_every_source_in_one_split() -> None:
+    docs = chunked({f"{label}/book{b}": 0 for label in ("a", "b") for b in range(10)}, chunks=6)
+    splits = split_documents(docs, seed=0, by_source=True)
+    where = {}
+    for name, part in (("train", splits.train), ("validation", splits.validation), ("test", splits.test)):
+        for doc in part:
+            assert where.setdefault(doc.source, name) == name, (
+                f"{doc.source} in {where[doc.source]} and {name}"
+            )
+    assert sorted(ids([*splits.train, *splits.validation, *splits.test])) == sorted(ids(docs))
+    # the fractions count sources, per label: 10 books each -> 6 / 2 / 2 (15% of 10, rounded)
+    for label in ("a", "b"):
+        books = [{d.source for d in part if d.label == label} for part in (splits.validation, splits.test)]
+        assert [len(b) for b in books] == [2, 2]
+    # Split by document, the same corpus puts parts of one book in training and test.
+    leaky = split_documents(docs, seed=0)
+    assert {d.source for d in leaky.test} & {d.source for d in leaky.train}
+
+
+def test_split_by_source_equals_the_document_split_when_every_document_stands_alone() -> None:
+    docs = labelled({"a": 40, "b": 25})
+    assert split_documents(docs, seed=5, by_source=True) == split_documents(docs, seed=5)
+    own = [Document(d.text, d.label, d.doc_id, f"only-{d.doc_id}") for d in docs]
+    assert ids(split_documents(own, seed=5, by_source=True).test) == ids(split_documents(docs, seed=5).test)
+
+
+def test_a_source_counts_under_its_most_common_label() -> None:
+    docs = chunked({f"a/book{b}": 0 for b in range(6)}, chunks=3)
+    odd = Document(text("stray"), "b", "doc:stray", "a/book0")  # one part of book0 labelled b
+    splits = split_documents([*docs, odd], seed=1, by_source=True)
+    with_book0 = next(part for part in (splits.train, splits.validation, splits.test) if odd in part)
+    assert {d.doc_id for d in with_book0 if d.source == "a/book0"} >= {"doc:stray", "doc:a/book0:0"}
+
+
+def test_too_few_sources_say_why() -> None:
+    docs = chunked({"a/one": 0, "a/two": 0}, chunks=20)
+    with pytest.raises(
+        ValueError, match=r"label 'a' has only 2 source\(s\); at least 3 .* never go to two splits"
+    ):
+        split_documents(docs, by_source=True)
+
+
+def test_sources_from_jsonl_fields_folders_and_txt_files(tmp_path: Path) -> None:
+    lines = [{"text": text(f"t{i}"), "source": f"repo{i // 2}"} for i in range(4)]
+    lines.append({"text": text("alone")})
+    lines.append({"text": text("numbered"), "source": 7})
+    single = load_documents(write_jsonl(tmp_path / "one.jsonl", lines))
+    assert [d.source for d in single] == ["repo0", "repo0", "repo1", "repo1", None, "7"]
+    with pytest.raises(ValueError, match=r"one\.jsonl, line 1: field 'source' must be a string"):
+        load_documents(write_jsonl(tmp_path / "one.jsonl", [{"text": text("x"), "source": [1]}]))
+    folder = tmp_path / "corpus"
+    (folder / "code").mkdir(parents=True)
+    write_jsonl(folder / "code" / "a.jsonl", [{"text": text("a1")}, {"text": text("a2"), "source": "own"}])
+    (folder / "book.txt").write_text(text("p1") + "\n\n" + text("p2") + "\n")
+    (folder / "code" / "whole.txt").write_text(text("whole"))
+    by_id = {d.doc_id: d.source for d in load_documents(folder)}
+    assert by_id == {
+        "book.txt#0": "book.txt",
+        "book.txt#1": "book.txt",
+        "code/a.jsonl:1": "code/a.jsonl",
+        "code/a.jsonl:2": "own",
+        "code/whole.txt": None,
+    }
 
 
 def test_prompt_and_continuation() -> None:

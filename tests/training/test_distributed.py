@@ -191,7 +191,12 @@ def test_two_processes_follow_the_curve_of_one(study, tmp_path: Path) -> None:
     train_curves = [[h["train_nll"] for h in f["history"]] for f in (one_facts, two_facts)]
     assert train_curves[0] == pytest.approx(train_curves[1], abs=CURVE_TOLERANCE)
     assert one_facts["best_step"] == two_facts["best_step"]
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [checkpoint.NAME]
+    # Chameleon's checkpoint, and that of the static LoRA it is compared with, which agrees too.
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [checkpoint.NAME, "static"]
+    assert (tmp_path / "ckpt" / "static" / checkpoint.NAME).exists()
+    compared = [f["validation_nll"] for f in (one_facts, two_facts)]
+    for key in ("base", "static", "chameleon"):
+        assert compared[0][key] == pytest.approx(compared[1][key], abs=CURVE_TOLERANCE), key
 
 
 def test_two_processes_share_out_a_study_and_report_what_one_process_reports(study, tmp_path: Path) -> None:

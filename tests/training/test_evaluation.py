@@ -10,10 +10,35 @@ import pytest
 import torch
 
 from adapter_service.core.clustering import FixedK
-from adapter_service.training.evaluation import StudyConfig, bootstrap_ci, run_study, seed_bootstrap_ci
+from adapter_service.training.evaluation import (
+    StudyConfig,
+    bootstrap_ci,
+    headroom_share_ci,
+    run_study,
+    seed_bootstrap_ci,
+)
 from adapter_service.training.report import write_report
 from conftest import tiny_llama
 from samples import synthetic
+
+
+def test_headroom_share_comes_with_an_interval_over_seeds_and_documents() -> None:
+    rng = np.random.default_rng(1)
+    documents = rng.normal(3.0, 0.5, 400)  # what every method shares: each document's difficulty
+
+    def method(offset: float, seeds: int = 3) -> np.ndarray:
+        return documents + offset + rng.normal(0, 0.01, (seeds, 1)) + rng.normal(0, 0.02, (seeds, 400))
+
+    static, experts = method(0.0), method(-0.2)
+    share, lo, hi = headroom_share_ci(method(-0.1), static, experts)
+    assert abs(share - 0.5) < 0.1 and lo < share < hi and lo > 0  # half the headroom, clearly above 0
+    none_of_it = headroom_share_ci(static.copy(), static, experts)  # the static LoRA itself: 0%
+    assert none_of_it[0] == 0 and none_of_it[1] < 0 < none_of_it[2]
+    assert headroom_share_ci(method(-0.1, seeds=1), static, experts) is None  # one seed: no interval
+    no_gain = headroom_share_ci(method(-0.1), static, method(0.0))  # experts as good as static
+    assert no_gain[1:] == (None, None)
+    with pytest.raises(ValueError, match="expected \\[seeds, documents\\] arrays over the same documents"):
+        headroom_share_ci(static[:, :10], static, experts)
 
 
 def test_bootstrap_ci_brackets_the_mean_and_narrows_with_more_documents() -> None:

@@ -54,6 +54,15 @@ def test_train_writes_a_trained_artifact(inputs, tmp_path: Path) -> None:
     manifest = load_artifact(out).manifest
     assert manifest.hypernetwork["trained"] is True and manifest.hypernetwork["kind"] == "hyper"
     assert manifest.hypernetwork["history"] and manifest.base_model.weights_sha256
+    # Never worse unnoticed: the static LoRA of the same size is trained too and compared on validation.
+    compared = manifest.hypernetwork["validation_nll"]
+    assert compared["chameleon"] == manifest.hypernetwork["best_validation_nll"]
+    assert compared["base"] > 0 and compared["static"] > 0 and compared["min_gain"] == 0.0
+    assert compared["chameleon_beats_static"] == (compared["chameleon"] < compared["static"])
+    assert "validation NLL per token: base" in result.stdout
+    # Split by source by default; these jsonl lines name none, so every document is its own source.
+    assert manifest.hypernetwork["split_by"] == "source"
+    assert manifest.hypernetwork["sources"] == {"train": 42, "validation": 9, "test": 9}
     # The default recipe is the study's winner: cosine decay, clipping at 1.0, a tenth of the steps warm-up.
     facts = manifest.hypernetwork
     assert (facts["schedule"], facts["clip_grad_norm"], facts["warmup_steps"]) == ("cosine", 1.0, 4 // 10)
@@ -67,6 +76,28 @@ def test_train_writes_a_trained_artifact(inputs, tmp_path: Path) -> None:
     # The data is labelled, so the router learns from the labels and serves on the predicted label.
     assert facts["config"]["routing"] == "predicted-label"
     assert facts["config"]["labels"] == ["topic0", "topic1", "topic2"]
+
+
+def test_train_warns_and_falls_back_to_the_static_lora_when_chameleon_does_not_gain(
+    inputs, tmp_path: Path
+) -> None:
+    model_dir, data = inputs
+    out = tmp_path / "artifact"
+    args = ("--model", str(model_dir), "--data", str(data), *COMMON, "--out", str(out))
+    # No adapter gains 10 nats per token over a static LoRA: the guard must trip.
+    result = run("train", *args, "--min-gain", "10", "--fallback-to-static")
+    assert "WARNING: Chameleon" in result.stderr and "exporting the static LoRA instead" in result.stderr
+    facts = load_artifact(out).manifest.hypernetwork
+    assert (facts["kind"], facts["exported_instead_of"]) == ("static", "hyper")
+    assert facts["validation_nll"]["chameleon_beats_static"] is False
+    assert facts["best_validation_nll"] == facts["validation_nll"]["static"]
+    # Without the flag it only warns, and exports Chameleon.
+    result = run("train", *args, "--min-gain", "10", "--baseline", "static")
+    assert "WARNING: Chameleon" in result.stderr and "--fallback-to-static exports it" in result.stderr
+    assert load_artifact(out).manifest.hypernetwork["kind"] == "hyper"
+    # --baseline none trains Chameleon alone.
+    run("train", *args, "--baseline", "none")
+    assert "validation_nll" not in load_artifact(out).manifest.hypernetwork
 
 
 def test_train_a_mixture_routed_by_a_label_classifier(inputs, tmp_path: Path) -> None:
@@ -114,6 +145,11 @@ def test_eval_writes_the_report(inputs, tmp_path: Path) -> None:
     assert {"base", "static LoRA (same rank)", "Chameleon, auto k", "per-domain experts"} <= set(
         report["methods"]
     )
+    assert report["splits"] == {
+        "by": "source",
+        "examples": {"train": 42, "validation": 9, "test": 9},
+        "sources": {"train": 42, "validation": 9, "test": 9},
+    }
     text = (out / "report.md").read_text()
     assert "| method | NLL |" in text and "Command: `chameleon eval" in text
     assert (out / "report.png").stat().st_size > 10_000

@@ -40,6 +40,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from adapter_service.data import debian_corpora
 
@@ -377,13 +378,19 @@ def load_documents(
 # -------------------------------------------------------------------------------------------- splitting
 
 
+def source_key(doc: Document | Any) -> str:
+    """What a document (or a training example cut from one) counts as for the split by source: its
+    source, or itself when it has none (a key no source name can take)."""
+    return doc.source if doc.source is not None else f"\0{doc.doc_id}"
+
+
 def _by_source(groups: dict[str | None, list[Document]]) -> dict[str | None, list[list[Document]]]:
     """Per label, the sources (lists of their documents, in doc_id order) that count under it: each
     source under its most common label (ties: the first in sort order), sources ordered by their first
     doc_id, so a corpus of stand-alone documents gives the units the document split shuffles."""
     members: dict[str, list[Document]] = {}
     for doc in sorted((d for m in groups.values() for d in m), key=lambda d: d.doc_id):
-        members.setdefault(doc.source if doc.source is not None else f"\0{doc.doc_id}", []).append(doc)
+        members.setdefault(source_key(doc), []).append(doc)
     label_of = {doc.doc_id: label for label, docs in groups.items() for doc in docs}
     units: dict[str | None, list[list[Document]]] = {label: [] for label in groups}
     for docs in sorted(members.values(), key=lambda docs: docs[0].doc_id):

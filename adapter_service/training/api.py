@@ -322,6 +322,7 @@ def evaluate(
         tokenizer=tokenizer,
         skip=skip,
         reuse=[Path(d) for d in reuse],
+        split_by=s.split_by,
     )
     report = study(only=only, processes=processes)
     if processes.distributed:
@@ -337,8 +338,6 @@ def evaluate(
     spent.append(time.perf_counter() - started)
     ledger.write_text(json.dumps(spent) + "\n")
     if not only:
-        report["splits"] = {"by": s.split_by, "examples": splits.sizes(), "sources": splits.sources()}
-        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         command = command or f"evaluate(recipe={recipe_name(recipe)!r})"
         write_report(report, out, command, sum(spent), invocations=len(spent))
     return report

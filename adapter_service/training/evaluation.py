@@ -29,6 +29,7 @@ from adapter_service.training.hypernetwork import HyperNetworkConfig, build_netw
 from adapter_service.training.trainer import (
     DeltaApplier,
     Example,
+    ExampleSplits,
     PrefixCache,
     StaticLoRA,
     StatisticCache,
@@ -245,6 +246,7 @@ def run_study(
     skip: Sequence[str] = (),
     reuse: Sequence[Path] = (),
     processes: Processes | None = None,
+    split_by: str | None = None,
 ) -> dict:
     """Train and score every method for every seed; returns (and writes) the report data.
 
@@ -258,6 +260,9 @@ def run_study(
     validation, so no method is compared at a rate that suits another. `reuse`: single-rate study
     directories (same data, a rate this study uses) whose runs are taken instead of retrained wherever
     every setting the run depends on matches (`_trained_with`).
+
+    `split_by`: how the splits were made ("source" or "document"), reported with the examples and
+    sources of each split.
 
     `processes` (torchrun, distributed.py): the runs are dealt out over the ranks in turn, each trained
     whole by one process, so the numbers are those of one process; like `only`, no report is written
@@ -511,6 +516,9 @@ def run_study(
     if only is not None or shared:
         return {"computed_only": sorted(only or ())}
     report = summarise(records, len(test_examples), config, hyper_params, big_rank)
+    if split_by is not None:
+        splits = ExampleSplits(list(train_examples), list(validation_examples), list(test_examples))
+        report["splits"] = {"by": split_by, "examples": splits.sizes(), "sources": splits.sources()}
     if skip:
         report["skipped_runs"] = sorted(skip)
     if config.oracle_statistic:

@@ -645,8 +645,10 @@ class ExampleSplits:
 
     def sources(self) -> dict[str, int]:
         """How many sources each split's examples come from (an example without one is its own)."""
+        from adapter_service.data.corpora import source_key
+
         return {
-            name: len({e.source if e.source is not None else f"\0{e.doc_id}" for e in part})
+            name: len({source_key(e) for e in part})
             for name, part in (("train", self.train), ("validation", self.validation), ("test", self.test))
         }
 

@@ -157,10 +157,15 @@ def lora_delta(
     x: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor, row_mask: torch.Tensor | None
 ) -> torch.Tensor:
     """((x A_cat) * M) B_cat on its own, for the guard (which compares it with the base output)."""
+    return torch.matmul(_masked_xa(x, a_cat, row_mask), b_cat)
+
+
+def _masked_xa(x: torch.Tensor, a_cat: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:
+    """(x A_cat) * M: each row's product with every stacked A, the columns of other clusters zeroed."""
     xa = torch.matmul(x, a_cat)
     if row_mask is not None:
         xa.mul_(row_mask.view(row_mask.shape[0], *([1] * (x.dim() - 2)), row_mask.shape[1]))
-    return torch.matmul(xa, b_cat)
+    return xa
 
 
 def add_multi_lora(
@@ -171,9 +176,7 @@ def add_multi_lora(
     row_mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """output + ((x A_cat) * M) B_cat for x of shape [B, ..., d_in]; the add is fused into addmm."""
-    xa = torch.matmul(x, a_cat)
-    if row_mask is not None:
-        xa.mul_(row_mask.view(row_mask.shape[0], *([1] * (x.dim() - 2)), row_mask.shape[1]))
+    xa = _masked_xa(x, a_cat, row_mask)
     d_out = output.shape[-1]
     return torch.addmm(output.reshape(-1, d_out), xa.reshape(-1, xa.shape[-1]), b_cat).view(output.shape)
 

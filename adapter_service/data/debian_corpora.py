@@ -10,6 +10,11 @@ ever read that folder, so nothing is downloaded while training or testing.
 Short items (a fortune, a dictionary entry) are joined with their neighbours from the same file into
 documents of at least `min_chars`, in file order, so a document is a stretch of the source's own text
 and no item is in two documents (splits stay clean).
+
+`fetch` also gets the Debian kinds of the ``traffic`` corpus (`TRAFFIC_PACKAGES`: shell scripts, man
+pages, config files; read by `traffic_corpora`), into the same folder; a folder fetched before they
+were added is topped up with them (`traffic_ready` says whether they are there, `ready` whether the
+mixed corpus's texts are).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "PACKAGES",
+    "TRAFFIC_PACKAGES",
     "data_root",
     "fetch",
     "missing_message",
@@ -34,14 +40,36 @@ __all__ = [
     "read_fortunes",
     "read_kjv",
     "ready",
+    "traffic_ready",
 ]
 
+# The traffic corpus's shell scripts, man pages (the Linux man-pages project) and config files.
+TRAFFIC_PACKAGES = (
+    "bash-completion",
+    "manpages",
+    "manpages-dev",
+    "apache2",
+    "exim4-config",
+    "fail2ban",
+    "nginx-common",
+)
 # The bible-kjv package is only needed for its extraction tool; its text is in bible-kjv-text.
-PACKAGES = ("bible-kjv", "bible-kjv-text", "fortunes", "dict-gcide", "dict-foldoc", "dict-jargon")
+PACKAGES = (
+    "bible-kjv",
+    "bible-kjv-text",
+    "fortunes",
+    "dict-gcide",
+    "dict-foldoc",
+    "dict-jargon",
+    *TRAFFIC_PACKAGES,
+)
 FETCH_COMMAND = "chameleon fetch-corpora"
 KJV_FILE = "kjv.txt"
 FORTUNES_DIR = "tree/usr/share/games/fortunes"
 DICTD_DIR = "tree/usr/share/dictd"
+SHELL_DIR = "tree/usr/share/bash-completion"
+MAN_DIR = "tree/usr/share/man"
+CONFIG_DIRS = ("tree/etc/apache2", "tree/etc/exim4", "tree/etc/fail2ban", "tree/etc/nginx")
 _DICTD_DIGITS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
@@ -56,22 +84,51 @@ def missing_message(root: Path) -> str:
 
 
 def ready(root: Path) -> bool:
-    """Whether `fetch` has completed in root."""
+    """Whether `fetch` has completed in root for the mixed corpus's texts."""
     return (root / KJV_FILE).is_file() and (root / FORTUNES_DIR).is_dir() and (root / DICTD_DIR).is_dir()
 
 
+def traffic_ready(root: Path) -> bool:
+    """Whether root holds the traffic corpus's Debian texts (man2 and man7: both man-pages packages)."""
+    folders = (SHELL_DIR, f"{MAN_DIR}/man2", f"{MAN_DIR}/man7", *CONFIG_DIRS)
+    return all((root / folder).is_dir() for folder in folders)
+
+
+def _missing_tool() -> str | None:
+    return next((tool for tool in ("apt-get", "dpkg") if shutil.which(tool) is None), None)
+
+
+def _top_up(root: Path) -> None:
+    """Add the traffic packages to a folder fetched without them, where apt-get and dpkg exist (where
+    they do not, the mixed texts were copied in, and the traffic corpus says how to get its own)."""
+    tool = _missing_tool()
+    if tool is not None:
+        log.warning("%s not found: the traffic corpus's Debian texts are not fetched into %s", tool, root)
+        return
+    debs = root / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["apt-get", "download", *TRAFFIC_PACKAGES], cwd=debs, check=True)
+    for deb in sorted(debs.glob("*.deb")):
+        if deb.name.split("_", 1)[0] in TRAFFIC_PACKAGES:
+            subprocess.run(["dpkg", "-x", str(deb), str(root / "tree")], check=True)
+    log.info("traffic texts added to %s", root)
+
+
 def fetch(root: Path | None = None, force: bool = False) -> Path:
-    """Download the packages with apt-get, unpack them with dpkg -x and extract the KJV text."""
+    """Download the packages with apt-get, unpack them with dpkg -x and extract the KJV text; in a
+    folder that has the mixed texts already, only add the traffic packages if they are missing."""
     root = root or data_root()
     if ready(root) and not force:
+        if not traffic_ready(root):
+            _top_up(root)
         log.info("Debian texts already in %s", root)
         return root
-    for tool in ("apt-get", "dpkg"):
-        if shutil.which(tool) is None:
-            raise RuntimeError(
-                f"{tool} not found: fetching the Debian texts needs a Debian or Ubuntu system "
-                f"(packages: {', '.join(PACKAGES)})"
-            )
+    tool = _missing_tool()
+    if tool is not None:
+        raise RuntimeError(
+            f"{tool} not found: fetching the Debian texts needs a Debian or Ubuntu system "
+            f"(packages: {', '.join(PACKAGES)})"
+        )
     debs = root / "debs"
     tree = root / "tree"
     debs.mkdir(parents=True, exist_ok=True)

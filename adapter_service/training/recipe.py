@@ -63,7 +63,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 _CHOICES = {
     "network": ("full", "mixture"),
-    "routing": ("auto", "distance", "table", "classifier", "predicted-label"),
+    "routing": ("auto", "distance", "table", "classifier", "predicted-label", "pseudo-label"),
     "schedule": ("constant", "cosine"),
     "batching": ("mixed", "coherent"),
     "kind": ("hyper", "static"),

@@ -11,6 +11,8 @@ def _routed_on(report: dict) -> str:
     routing = report.get("routing")
     if routing in ("classifier", "predicted-label"):
         routing = f" ({routing} routing: fitted to the training labels, served without labels)"
+    elif routing == "pseudo-label":
+        routing = " (pseudo-label routing: k-means groups of the training statistics, no labels used)"
     elif routing:
         routing = f" ({routing} routing)"
     else:
@@ -96,6 +98,19 @@ def write_report(
                 + ("." if gain > 0 else "; none, so shares are undefined.")
             ),
         ]
+    validation = report.get("validation")
+    if validation:
+        lines += [
+            "",
+            "Mean validation NLL (what choices between methods and recipes are made on; the test "
+            "columns above are never used to choose):",
+            "",
+            "| method | validation NLL | per seed |",
+            "| --- | --- | --- |",
+        ]
+        for name in sorted(validation, key=lambda n: validation[n]["mean"]):
+            v = validation[name]
+            lines.append(f"| {name} | {v['mean']:.4f} | {', '.join(f'{x:.4f}' for x in v['per_seed'])} |")
     per_label = report.get("per_label")
     if per_label:
         labels = sorted(next(iter(per_label.values())))

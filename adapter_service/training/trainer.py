@@ -40,6 +40,7 @@ from adapter_service.training.hypernetwork import (
     AdapterGenerator,
     DeltaNormCaps,
     HyperNetworkConfig,
+    pseudo_label_names,
 )
 
 log = logging.getLogger(__name__)
@@ -86,16 +87,21 @@ def resolve_routing(routing: str, network: str, examples: Sequence[Example]) -> 
     return chosen
 
 
-def router_labels(routing: str, examples: Sequence[Example]) -> tuple[str, ...]:
-    """The label names a router learns from (`plan_export(labels=)`): the training data's, sorted, for a
-    router that fits a classifier (hypernetwork.LABEL_ROUTINGS); none for any other."""
+def router_labels(routing: str, examples: Sequence[Example], routed: int = 0) -> tuple[str, ...]:
+    """The class names a router learns (`plan_export(labels=)`): the training data's labels, sorted, for
+    a router that fits a classifier to them (hypernetwork.LABEL_ROUTINGS); for "pseudo-label", one
+    k-means group per routed basis (`routed`), no labels needed; none for any other."""
+    if routing == "pseudo-label":
+        if routed < 2:
+            raise ValueError(f"routing: 'pseudo-label' needs at least 2 routed bases, got {routed}")
+        return pseudo_label_names(routed)
     if routing not in LABEL_ROUTINGS:
         return ()
     unlabelled = sum(e.label is None for e in examples)
     if unlabelled:
         raise ValueError(
             f"routing: {routing!r} learns from labels, but {unlabelled} of {len(examples)} training "
-            "examples have none; label every document or use routing 'distance'"
+            "examples have none; label every document, or use routing 'pseudo-label' or 'distance'"
         )
     return tuple(sorted({e.label for e in examples}))
 

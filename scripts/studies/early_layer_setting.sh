@@ -3,9 +3,10 @@
 # label, 16-token prompts and 24-token continuations, q_proj and v_proj of layers 0-3; the mixture
 # generator (6 LoRA bases of rank 8, distance-routed by the mean input embedding as these studies ran,
 # though `--routing auto` is the CLI's default now; trained per request) against
-# the static LoRA of rank 48; warm-up, cosine decay and clipping at 1.0; seeds 0 1 2.
+# the static LoRA of rank 48; warm-up, cosine decay and clipping at 1.0; seeds 0 1 2. Split by document,
+# as these studies ran before the split by source existed (scripts/studies/protocol_study.sh splits by source).
 EARLY_LAYER_SETTING=(
-  --data mixed --max-per-label 300 --prompt-tokens 16 --continuation-tokens 24
+  --data mixed --max-per-label 300 --prompt-tokens 16 --continuation-tokens 24 --split-by document
   --targets 'model.layers.[0-3].self_attn.q_proj,model.layers.[0-3].self_attn.v_proj'
   --network mixture --bases 6 --rank 8 --routing distance --routing-sharpness 0.3 --train-k request
   --seeds 0 1 2 --eval-every 10 --patience 3

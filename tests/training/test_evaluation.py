@@ -108,6 +108,17 @@ def test_study_runs_every_method_and_resumes(tmp_path: Path) -> None:
     assert gain == methods[best]["mean_nll"] - experts["mean_nll"]
     if gain > 0:  # the experts' share of their own headroom is all of it
         assert abs(experts["share_of_expert_headroom"] - 1.0) < 1e-9
+    # Validation, never test, is what choices are made on: every trained baseline's best validation NLL,
+    # and Chameleon's under each serving policy, per seed.
+    validation = report["validation"]
+    assert {
+        "static LoRA (same rank)",
+        "Chameleon, auto k",
+        "Chameleon, k=3",
+        "Chameleon, per request",
+    } <= set(validation)
+    assert all(len(v["per_seed"]) == 2 and v["mean"] == np.mean(v["per_seed"]) for v in validation.values())
+    assert validation["Chameleon, per request"]["mean"] != methods["Chameleon, per request"]["mean_nll"]
     files = sorted((tmp_path / "study" / "runs").iterdir())
     stamps = [f.stat().st_mtime_ns for f in files]
     again = run_study(*args, progress=False)  # everything cached: nothing retrained or rewritten
@@ -126,7 +137,9 @@ def test_study_runs_every_method_and_resumes(tmp_path: Path) -> None:
     old.write_text(json.dumps(record))
     assert run_study(*args, progress=False)["run_seconds"]["untimed"] == 1
     write_report(again, tmp_path / "study", "chameleon eval ...", 12.0, invocations=2)
-    assert "Compute of the runs used:" in (tmp_path / "study" / "report.md").read_text()
+    text = (tmp_path / "study" / "report.md").read_text()
+    assert "Compute of the runs used:" in text
+    assert "Mean validation NLL (what choices between methods and recipes are made on" in text
 
 
 def quick_config(**overrides) -> StudyConfig:
@@ -331,8 +344,18 @@ def test_a_multi_rate_study_reuses_single_rate_studies_instead_of_retraining(
     with pytest.raises(ValueError, match=r"reuse: .* other data"):
         other = (data[0], data[1], synthetic(12, 4))
         run_study(model, *other, multi, tmp_path / "y", progress=False, reuse=sources)
-    with pytest.raises(ValueError, match=r"several learning rates"):
-        run_study(model, *data, multi, tmp_path / "z", progress=False, reuse=[tmp_path / "both"])
+    with pytest.raises(ValueError, match=r"a study of several learning rates; this study has one"):
+        run_study(model, *data, single, tmp_path / "z", progress=False, reuse=[tmp_path / "both"])
+    # A study of several rates gives its runs, rate by rate, to another: a routing variant trains only
+    # its generator, and the rates it does not check are left behind.
+    trained.clear()
+    variant = dataclasses.replace(multi, lrs=(5e-2,), hidden=4)
+    run_study(
+        model, *data, variant, tmp_path / "v", progress=False, reuse=[tmp_path / "both"], skip=("static-big",)
+    )
+    assert trained == [5e-2]  # the generator only
+    taken = sorted(p.name for p in (tmp_path / "v" / "runs").iterdir())
+    assert "static-lr0.05-seed0.json" in taken and not any("lr0.0001" in name for name in taken)
 
 
 def test_a_longer_shared_budget_reuses_only_the_experts_it_leaves_unchanged(

@@ -236,7 +236,9 @@ def test_label_routing_learns_from_labels_and_serves_from_the_statistic_alone(
 def test_classifier_routing_refuses_missing_or_stray_labels() -> None:
     with pytest.raises(ValueError, match="labels: routing 'classifier' needs at least 2 distinct label"):
         mixture(routing="classifier")
-    with pytest.raises(ValueError, match="labels: only routings classifier, predicted-label use labels"):
+    with pytest.raises(
+        ValueError, match="labels: only routings classifier, predicted-label, pseudo-label use labels"
+    ):
         mixture(labels=("a", "b"))
     _, network = mixture(routing="classifier", labels=("a", "b"))
     stats, _ = label_and_nuisance(10)
@@ -255,6 +257,46 @@ def test_classifier_labels_come_from_labelled_training_data() -> None:
     assert router_labels("distance", examples) == ()
     with pytest.raises(ValueError, match="routing: 'classifier' learns from labels, but 1 of 4"):
         router_labels("classifier", [*examples, Example((1,), (2,))])
+
+
+def test_pseudo_label_routing_needs_no_labels_and_serves_one_adapter_per_group(tmp_path: Path) -> None:
+    """`routing="pseudo-label"`: the classes are k-means groups of the training statistics, found
+    without labels; each request gets its predicted group's adapter exactly, and the artifact is
+    grouped by that class when served, like a predicted-label one."""
+    from adapter_service.training.hypernetwork import pseudo_labels
+    from adapter_service.training.trainer import Example, router_labels
+
+    unlabelled = [Example((1,), (2,)) for _ in range(4)]
+    names = router_labels("pseudo-label", unlabelled, routed=2)
+    assert names == ("group-00", "group-01")
+    with pytest.raises(ValueError, match="'pseudo-label' needs at least 2 routed bases, got 1"):
+        router_labels("pseudo-label", unlabelled, routed=1)
+    plan, network = mixture(rank=4, bases=2, routing="pseudo-label", labels=names, routing_sharpness=4.0)
+    rows, _ = label_and_nuisance(120)  # k-means follows the nuisance split: the groups to be found
+    stats, test = rows[:60], rows[60:]
+    with torch.no_grad():
+        network.fit_statistics(stats)  # no labels
+        weights = network.weights(test)
+    standardised = (test - network.stat_mean) / network.stat_scale
+    groups = pseudo_labels((stats - network.stat_mean) / network.stat_scale, names)
+    assert sorted(set(groups)) == list(names)
+    predicted = network.classifier(standardised).argmax(1)
+    nuisance = torch.tensor([(i // 2) % 2 for i in range(60, 120)])
+    agreement = float((predicted == nuisance).float().mean())
+    assert max(agreement, 1 - agreement) >= 0.95  # the classifier learned the unsupervised groups
+    for i in range(60):  # one adapter per predicted group, exactly
+        j = int((predicted == predicted[i]).nonzero()[0])
+        assert torch.equal(weights[i], weights[j])
+    assert not torch.equal(weights[predicted == 0][0], weights[predicted == 1][0])
+    artifact = export_artifact(network.eval(), plan, tmp_path / "a")
+    config = artifact.manifest.hypernetwork["config"]
+    assert config["routing"] == "pseudo-label" and config["labels"] == list(names)
+    assert artifact.manifest.grouping == "predicted-label"
+    got = HyperNetworkRuntime(artifact).generate(test[:8].numpy())
+    with torch.no_grad():
+        want = network(test[:8])
+    for i, group in enumerate(artifact.manifest.groups):
+        np.testing.assert_allclose(got[group.name].b, want[2 * i + 1].numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_auto_routing_learns_from_labels_only_when_every_example_has_one() -> None:

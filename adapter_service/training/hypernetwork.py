@@ -192,9 +192,7 @@ def standardisation(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def fit_prototypes(x: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
     """`count` prototypes [count, D] of standardised rows `x`: the service's k-means (cosine), member
     means; random rows fill in when there are fewer distinct rows than prototypes."""
-    from adapter_service.core.clustering import FixedK, cluster
-
-    groups = torch.from_numpy(cluster(x.numpy(), FixedK(count), seed=seed).assignments)
+    groups = torch.from_numpy(kmeans_groups(x, count, seed))
     prototypes = torch.stack([x[groups == j].mean(0) for j in torch.unique(groups)])
     if prototypes.shape[0] < count:
         extra = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))]
@@ -202,12 +200,16 @@ def fit_prototypes(x: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
     return prototypes
 
 
-def pseudo_labels(x: torch.Tensor, names: Sequence[str], seed: int = 0) -> list[str]:
-    """Each standardised row's k-means group (the service's k-means, one group per name), as a label."""
+def kmeans_groups(x: torch.Tensor, count: int, seed: int = 0):
+    """Each standardised row's group [N] under the service's k-means (cosine) with `count` groups."""
     from adapter_service.core.clustering import FixedK, cluster
 
-    groups = cluster(x.numpy(), FixedK(len(names)), seed=seed).assignments
-    return [names[int(g)] for g in groups]
+    return cluster(x.numpy(), FixedK(count), seed=seed).assignments
+
+
+def pseudo_labels(x: torch.Tensor, names: Sequence[str], seed: int = 0) -> list[str]:
+    """Each standardised row's k-means group (one group per name), as a label."""
+    return [names[int(g)] for g in kmeans_groups(x, len(names), seed)]
 
 
 def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, classes: int, seed: int = 0) -> nn.Linear:

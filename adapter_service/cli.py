@@ -434,6 +434,12 @@ def _add_recipe_options(p: argparse.ArgumentParser, command: str) -> None:
             action="store_true",
             help="when Chameleon does not gain --min-gain over the static LoRA, export that LoRA instead",
         )
+        opt(
+            "--unsure-fallback",
+            action=argparse.BooleanOptionalAction,
+            help="a label router's unsure requests get the static LoRA (threshold chosen on validation; "
+            "installed only when it lowers validation NLL, adding that LoRA's rank to the artifact's)",
+        )
     else:
         opt("--seeds", type=int, nargs="+")
         p.add_argument("--no-experts", action="store_true", help="skip the per-domain expert LoRAs")

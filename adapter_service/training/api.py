@@ -91,6 +91,24 @@ class Comparison:
         print(message, file=sys.stderr, flush=True)
 
 
+def report_fallback(choice: Any, rank: int) -> None:
+    """One line on what the fallback adapter does on validation, and what it costs in rank."""
+    if not choice.gains:
+        print(
+            f"fallback adapter: not installed (no confidence threshold lowers validation NLL "
+            f"{choice.routed_nll:.4f}); the artifact's rank stays {rank}",
+            flush=True,
+        )
+        return
+    print(
+        f"fallback adapter: requests with router confidence below {choice.threshold:.3f} "
+        f"({choice.share:.0%} of validation) get the static LoRA: validation NLL {choice.routed_nll:.4f} -> "
+        f"{choice.nll:.4f}; the artifact's rank is {rank} (the static LoRA's bases added; "
+        "--no-unsure-fallback keeps the mixture's)",
+        flush=True,
+    )
+
+
 def recipe_name(recipe: str | Path) -> str:
     """How a manifest names the recipe: a shipped name as is, a file by its path."""
     text = str(recipe)
@@ -116,7 +134,13 @@ def train_artifact(
     from adapter_service.core.clustering import FixedK
     from adapter_service.training import distributed
     from adapter_service.training.export import export_artifact, plan_export
-    from adapter_service.training.hypernetwork import build_network, emitted_rank
+    from adapter_service.training.fallback_adapter import install_fallback, validation_choice
+    from adapter_service.training.hypernetwork import (
+        LABEL_ROUTINGS,
+        MixtureHyperNetwork,
+        build_network,
+        emitted_rank,
+    )
     from adapter_service.training.trainer import (
         PrefixCache,
         StaticLoRA,
@@ -181,7 +205,7 @@ def train_artifact(
     )
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
     result = fit(network=network, config=config, checkpoint_dir=checkpoints)
-    comparison, falls_back = None, False
+    comparison, falls_back, fallback = None, False, None
     if s.kind == "hyper" and s.baseline == "static":
         # The static LoRA of the same targets and rank, trained on the same data and budget: what
         # Chameleon has to beat on validation to be worth serving.
@@ -204,6 +228,15 @@ def train_artifact(
         falls_back = comparison.static_wins and s.fallback_to_static
         if falls_back:
             network, result = static, static_result
+        elif s.unsure_fallback and routing in LABEL_ROUTINGS and isinstance(network, MixtureHyperNetwork):
+            fallback = validation_choice(
+                model, network, static, plan.group_modules, plan.manifest_base["scaling"],
+                splits.validation, config, prefix, statistics,
+            )  # fmt: skip
+            if fallback.gains:
+                network = install_fallback(network, static, fallback.threshold)
+            if processes.main:
+                report_fallback(fallback, network.config.rank)
     outcome = TrainOutcome(None, result.best_validation_nll, result.best_step, targets)
     if not processes.main:
         processes.barrier()  # returns once rank 0 has written the artifact
@@ -245,6 +278,8 @@ def train_artifact(
         facts["validation_nll"] = comparison.as_json()
         if exported != s.kind:
             facts["exported_instead_of"] = s.kind
+    if fallback is not None:
+        facts["unsure_fallback"] = {**fallback.as_json(), "installed": fallback.gains}
     if command:
         facts["command"] = command
     artifact = export_artifact(network.cpu().eval(), plan, out, facts=facts)

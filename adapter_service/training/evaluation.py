@@ -25,6 +25,7 @@ from adapter_service.core.clustering import AutoK, ClusteringPolicy, FixedK
 from adapter_service.training.diagnostics import grouping_diagnostics
 from adapter_service.training.distributed import Processes
 from adapter_service.training.export import plan_export
+from adapter_service.training.fallback_adapter import choose_threshold
 from adapter_service.training.hypernetwork import HyperNetworkConfig, build_network, emitted_rank
 from adapter_service.training.trainer import (
     DeltaApplier,
@@ -445,11 +446,14 @@ def run_study(
             facts = fit(network, train_examples, validation_examples, seed, FixedK(1), lr=lr)
             return {
                 "per_doc": score(network, FixedK(1)).tolist(),
+                # what a fallback adapter's threshold is chosen on (fallback_adapter.py)
+                "validation_per_doc": score(network, FixedK(1), validation_examples).tolist(),
                 "params": network.num_parameters(),
                 **facts,
             }
 
-        add("static LoRA (same rank)", tuned("static", seed, static_run))
+        static = tuned("static", seed, static_run)
+        add("static LoRA (same rank)", static)
         if adapter_rank != config.rank:  # a mixture: also the static LoRA of one basis's rank
             one = tuned("static-basis", seed, lambda lr, seed=seed: static_run(lr, basis_config, seed))
             add(f"static LoRA (rank {config.rank}, one basis)", one)
@@ -471,8 +475,17 @@ def run_study(
             policies = {"auto k": AutoK(max_k=8), **{f"k={k}": FixedK(k) for k in config.eval_ks}}
             validation = {
                 name: float(score(network, policy, validation_examples).mean())
-                for name, policy in {**policies, "per request": per_request}.items()
+                for name, policy in policies.items()
             }
+            validation_per_doc = score(network, per_request, validation_examples)
+            validation["per request"] = float(validation_per_doc.mean())
+            confidence = {}
+            if getattr(network, "classifier", None) is not None:  # a label router: how sure, per request
+                with torch.no_grad():
+                    confidence = {
+                        split: network.confidence(statistics([e.prompt for e in examples], network)).tolist()
+                        for split, examples in (("validation", validation_examples), ("test", test_examples))
+                    }
             # Control: each request served with another request's statistic.
             scores["per request, shuffled statistic"] = score(network, per_request, shuffle=True).tolist()
             latency = batch_latency(
@@ -489,6 +502,8 @@ def run_study(
             return {
                 "scores": scores,
                 "validation": validation,
+                "validation_per_doc": validation_per_doc.tolist(),
+                **({"confidence": confidence} if confidence else {}),
                 "params": network.num_parameters(),
                 "latency": latency,
                 **facts,
@@ -503,6 +518,7 @@ def run_study(
             records.setdefault(f"Chameleon, {policy_name}", []).append(
                 {"per_doc": per_doc, "params": hyper["params"], "best_step": hyper["best_step"]}
             )
+        add(WITH_FALLBACK, with_fallback(hyper, static))
         if config.experts and labels:
             add(
                 "per-domain experts",
@@ -556,6 +572,8 @@ def run_study(
             for name, values in per_doc.items()
         }
     report["validation"] = validation_table(records, hyper_runs)
+    if WITH_FALLBACK in records:
+        report["fallback"] = [run["fallback"] for run in records[WITH_FALLBACK]]
     latencies = [run["latency"] for run in hyper_runs if run.get("latency")]
     if latencies:
         report["latency_per_batch"] = {
@@ -566,6 +584,29 @@ def run_study(
         report["grouping"] = grouping_diagnostics(stats, [e.label for e in test_examples], config.batch_size)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+WITH_FALLBACK = "Chameleon + fallback, per request"
+
+
+def with_fallback(hyper: dict, static: dict | None) -> dict | None:
+    """Chameleon per request with the fallback adapter (fallback_adapter.py) of one seed: the threshold
+    chosen on that seed's validation split, then applied to its test requests. None for a router with
+    no classifier, or runs saved before they recorded what the choice needs."""
+    confidence = hyper.get("confidence")
+    if not confidence or "validation_per_doc" not in hyper or not (static or {}).get("validation_per_doc"):
+        return None
+    choice = choose_threshold(
+        confidence["validation"], hyper["validation_per_doc"], static["validation_per_doc"]
+    )
+    unsure = np.asarray(confidence["test"]) < choice.threshold
+    per_doc = np.where(unsure, np.asarray(static["per_doc"]), np.asarray(hyper["scores"]["per request"]))
+    return {
+        "per_doc": per_doc.tolist(),
+        "params": hyper["params"] + static["params"],
+        "best_validation_nll": choice.nll,
+        "fallback": {**choice.as_json(), "test_share": float(unsure.mean())},
+    }
 
 
 def validation_table(records: dict[str, list[dict]], hyper_runs: Sequence[dict]) -> dict[str, dict]:

@@ -199,7 +199,8 @@ def export_artifact(
         declared_grouping="predicted-label"
         if mixture is not None and config.routing in ONE_HOT_ROUTINGS
         else "policy",
-        **plan.manifest_base,
+        # the network's own rank: a fallback adapter installed after planning adds to it
+        **{**plan.manifest_base, "rank": config.rank},
     )
     return write_artifact(out, manifest, onnx_bytes)
 

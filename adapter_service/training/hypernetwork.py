@@ -70,6 +70,11 @@ class HyperNetworkConfig:
     routing: str = "distance"
     # mixture with routing "classifier": the training labels, in the order of the classifier's outputs.
     labels: tuple[str, ...] = ()
+    # mixture with a label router: the last `fallback_bases` bases hold a static LoRA that serves, alone,
+    # every request whose classifier confidence (top label probability) is below `fallback_threshold`;
+    # 0: none. Installed after training (fallback_adapter.py), with the threshold chosen on validation.
+    fallback_bases: int = 0
+    fallback_threshold: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -165,6 +170,21 @@ def check_kind(config: HyperNetworkConfig) -> None:
         raise ValueError(f"shared_bases: expected an integer in 0..{m - 1} (bases - 1), got {s!r}")
     if config.kind != "mixture" and s:
         raise ValueError(f"shared_bases: only a mixture has bases to share; expected 0, got {s!r}")
+    f = config.fallback_bases
+    if isinstance(f, bool) or not isinstance(f, int) or f < 0 or (f and s + f >= m):
+        raise ValueError(
+            f"fallback_bases: expected an integer in 0..{max(0, m - s - 1)} (bases - shared_bases - 1), "
+            f"got {f!r}"
+        )
+    if f and (config.kind != "mixture" or config.routing not in LABEL_ROUTINGS):
+        raise ValueError(
+            f"fallback_bases: only a mixture with a label router ({', '.join(LABEL_ROUTINGS)}) knows when it "
+            f"is unsure; expected 0, got {f!r}"
+        )
+    if not 0.0 <= config.fallback_threshold <= 1.0:
+        raise ValueError(
+            f"fallback_threshold: expected a probability in [0, 1], got {config.fallback_threshold!r}"
+        )
     if not config.routing_sharpness > 0:
         raise ValueError(f"routing_sharpness: expected a positive number, got {config.routing_sharpness!r}")
     if config.routing not in ROUTINGS:
@@ -317,7 +337,7 @@ class MixtureHyperNetwork(AdapterGenerator):
             raise ValueError(f"init: got {config.init!r}, expected 'zero' or 'random'")
         r = config.rank // m
         d = config.stat_dim
-        self.routed = m - config.shared_bases
+        self.routed = m - config.shared_bases - config.fallback_bases
         self.register_buffer("stat_mean", torch.zeros(d))
         self.register_buffer("stat_scale", torch.ones(d))
         self.classifier = None
@@ -396,6 +416,13 @@ class MixtureHyperNetwork(AdapterGenerator):
             p = (p == p.amax(dim=-1, keepdim=True)).to(p.dtype)
         return p
 
+    def confidence(self, centroids: torch.Tensor) -> torch.Tensor:
+        """[K] the label router's top label probability: how sure it is of the class it routes by."""
+        if self.classifier is None:
+            raise ValueError(f"routing {self.config.routing!r} has no classifier to be sure or unsure")
+        x = (centroids - self.stat_mean) / self.stat_scale
+        return torch.softmax(self.classifier(x), dim=-1).amax(dim=-1)
+
     def router_input(self, centroids: torch.Tensor) -> torch.Tensor:
         """What the prototypes are compared with: the standardised statistic, or a label router's
         standardised label probabilities (or predicted label) of it."""
@@ -405,7 +432,8 @@ class MixtureHyperNetwork(AdapterGenerator):
         return (self._classify(x) - self.label_mean) / self.label_scale
 
     def weights(self, centroids: torch.Tensor) -> torch.Tensor:
-        """[K, bases] basis weights (summing to `bases`; the shared ones are 1)."""
+        """[K, bases] basis weights (the routed ones summing to their number; the shared ones are 1; an
+        unsure request's are 1 on the fallback bases and 0 elsewhere)."""
         x = self.router_input(centroids)
         distance = (x[:, None, :] - self.prototypes[None, :, :]).pow(2).sum(-1)
         if self.table is None:
@@ -413,9 +441,13 @@ class MixtureHyperNetwork(AdapterGenerator):
         else:
             logits = self.table[distance.argmin(dim=-1)]
         routed = self.routed * torch.softmax(logits, dim=-1)
-        if self.config.shared_bases == 0:
+        if self.config.shared_bases:
+            routed = torch.cat([routed.new_ones(routed.shape[0], self.config.shared_bases), routed], dim=-1)
+        if not self.config.fallback_bases:
             return routed
-        return torch.cat([routed.new_ones(routed.shape[0], self.config.shared_bases), routed], dim=-1)
+        unsure = (self.confidence(centroids) < self.config.fallback_threshold).to(routed.dtype)[:, None]
+        fallback = unsure.expand(-1, self.config.fallback_bases)
+        return torch.cat([routed * (1.0 - unsure), fallback], dim=-1)
 
     def unweighted_b(self) -> tuple[torch.Tensor, ...]:
         """Per group, B with every basis at weight 1 [L, d_out, rank]: what the compact wire form sends

@@ -54,6 +54,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "baseline": (str,),
     "min_gain": (float, int),
     "fallback_to_static": (bool,),
+    "unsure_fallback": (bool,),
     "seeds": (list,),
     "lrs": (list,),
     "experts": (bool,),
@@ -77,7 +78,7 @@ _SECTIONS = {
                 "hidden", "statistic", "max_delta_norm"),
     "optimisation": ("steps", "batch_size", "lr", "schedule", "warmup_steps", "clip_grad_norm",
                      "eval_every", "patience", "batching", "train_k", "max_k"),
-    "train": ("kind", "seed", "baseline", "min_gain", "fallback_to_static"),
+    "train": ("kind", "seed", "baseline", "min_gain", "fallback_to_static", "unsure_fallback"),
     "eval": ("seeds", "lrs", "experts", "expert_batch_size", "expert_steps", "oracle_statistic"),
 }  # fmt: skip
 KEYS = tuple(_TYPES)

@@ -67,15 +67,18 @@ def test_train_writes_a_trained_artifact(inputs, tmp_path: Path) -> None:
     facts = manifest.hypernetwork
     assert (facts["schedule"], facts["clip_grad_norm"], facts["warmup_steps"]) == ("cosine", 1.0, 4 // 10)
     # ... and a mixture of 12 bases (here of --rank 2 each), routed per request.
-    assert (facts["network"], facts["bases"], facts["train_k"], manifest.rank) == (
-        "mixture",
-        12,
-        "request",
-        24,
-    )
+    assert (facts["network"], facts["bases"], facts["train_k"]) == ("mixture", 12, "request")
     # The data is labelled, so the router learns from the labels and serves on the predicted label.
     assert facts["config"]["routing"] == "predicted-label"
     assert facts["config"]["labels"] == ["topic0", "topic1", "topic2"]
+    # ... and the requests it is unsure of get the static LoRA, where that lowers validation NLL: the
+    # threshold is chosen there, and the static LoRA's rank joins the artifact's only when installed.
+    fallback = facts["unsure_fallback"]
+    assert fallback["routed_nll"] == pytest.approx(compared["chameleon"], rel=1e-5)
+    assert fallback["installed"] == (fallback["nll"] < fallback["routed_nll"]) == (fallback["share"] > 0)
+    assert manifest.rank == (48 if fallback["installed"] else 24)
+    assert facts["config"]["fallback_threshold"] == (fallback["threshold"] if fallback["installed"] else 0.0)
+    assert "fallback adapter: " in result.stdout
 
 
 def test_train_warns_and_falls_back_to_the_static_lora_when_chameleon_does_not_gain(
@@ -92,12 +95,14 @@ def test_train_warns_and_falls_back_to_the_static_lora_when_chameleon_does_not_g
     assert facts["validation_nll"]["chameleon_beats_static"] is False
     assert facts["best_validation_nll"] == facts["validation_nll"]["static"]
     # Without the flag it only warns, and exports Chameleon.
-    result = run("train", *args, "--min-gain", "10", "--baseline", "static")
+    result = run("train", *args, "--min-gain", "10", "--baseline", "static", "--no-unsure-fallback")
     assert "WARNING: Chameleon" in result.stderr and "--fallback-to-static exports it" in result.stderr
-    assert load_artifact(out).manifest.hypernetwork["kind"] == "hyper"
-    # --baseline none trains Chameleon alone.
+    manifest = load_artifact(out).manifest
+    assert manifest.hypernetwork["kind"] == "hyper"
+    assert "unsure_fallback" not in manifest.hypernetwork and manifest.rank == 24  # as asked, none
+    # --baseline none trains Chameleon alone (so no fallback adapter either).
     run("train", *args, "--baseline", "none")
-    assert "validation_nll" not in load_artifact(out).manifest.hypernetwork
+    assert not {"validation_nll", "unsure_fallback"} & set(load_artifact(out).manifest.hypernetwork)
 
 
 def test_train_a_mixture_routed_by_a_label_classifier(inputs, tmp_path: Path) -> None:

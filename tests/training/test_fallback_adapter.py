@@ -7,21 +7,22 @@ artifact must export with parity and be served by the real sidecar with no chang
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_evaluation import quick_config
+from test_mixture import label_and_nuisance, mixture
 
 from adapter_service.serving.runtime import HyperNetworkRuntime
 from adapter_service.training.evaluation import WITH_FALLBACK, run_study
 from adapter_service.training.export import export_artifact
 from adapter_service.training.fallback_adapter import choose_threshold, install_fallback
 from adapter_service.training.trainer import StaticLoRA
-from conftest import start_server
+from conftest import start_server, tiny_llama
 from samples import synthetic
-from test_evaluation import quick_config
-from test_mixture import label_and_nuisance, mixture
 
 
 def test_the_threshold_is_the_validation_optimum_over_cuts_a_threshold_can_make() -> None:
@@ -129,8 +130,6 @@ def test_a_router_without_a_classifier_takes_no_fallback() -> None:
 
 
 def test_the_study_scores_the_fallback_with_its_threshold_chosen_on_validation(tmp_path: Path) -> None:
-    from conftest import tiny_llama
-
     config = quick_config(network="mixture", bases=3, routing="predicted-label", seeds=[0, 1])
     args = (tiny_llama(), synthetic(36, 1), synthetic(12, 2), synthetic(12, 3), config, tmp_path / "s")
     report = run_study(*args, progress=False)
@@ -140,8 +139,6 @@ def test_the_study_scores_the_fallback_with_its_threshold_chosen_on_validation(t
         assert 0.0 <= chosen["threshold"] <= 1.0 and chosen["nll"] <= chosen["routed_nll"]
         assert 0.0 <= chosen["test_share"] <= 1.0
         # The test score is each request's, routed or static by the threshold chosen on validation.
-        import json
-
         runs = tmp_path / "s" / "runs"
         hyper = json.loads((runs / f"hyper-seed{seed}.json").read_text())
         static = json.loads((runs / f"static-seed{seed}.json").read_text())

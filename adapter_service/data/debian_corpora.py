@@ -147,7 +147,7 @@ def fetch(root: Path | None = None, force: bool = False) -> Path:
     return root
 
 
-def _chunks(items: Iterable[str], min_chars: int, separator: str) -> Iterator[str]:
+def chunks(items: Iterable[str], min_chars: int, separator: str) -> Iterator[str]:
     """Consecutive items joined until each piece reaches min_chars (a short tail is dropped)."""
     current: list[str] = []
     size = -len(separator)  # n items take n - 1 separators
@@ -194,7 +194,7 @@ def read_fortunes(root: Path, min_chars: int) -> Iterator[tuple[str, str]]:
             continue
         text = path.read_text(encoding="utf-8", errors="replace")
         items = [item.strip("\n") for item in re.split(r"^%$", text, flags=re.M) if item.strip()]
-        for n, chunk in enumerate(_chunks(items, min_chars, "\n%\n")):
+        for n, chunk in enumerate(chunks(items, min_chars, "\n%\n")):
             yield f"{path.name}#{n}", chunk
 
 
@@ -227,5 +227,5 @@ def read_dictd(root: Path, name: str, min_chars: int) -> Iterator[tuple[str, str
         is_metadata = fields[0].startswith(("00-database", "00database"))
         (metadata if is_metadata else spans).add(span)
     entries = (raw[o : o + n].decode("utf-8", errors="replace").strip() for o, n in sorted(spans - metadata))
-    for n, chunk in enumerate(_chunks((e for e in entries if e), min_chars, "\n\n")):
+    for n, chunk in enumerate(chunks((e for e in entries if e), min_chars, "\n\n")):
         yield f"{name}#{n}", chunk

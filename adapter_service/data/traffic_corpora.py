@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from adapter_service.data import debian_corpora
-from adapter_service.data.debian_corpora import CONFIG_DIRS, MAN_DIR, SHELL_DIR, _chunks
+from adapter_service.data.debian_corpora import CONFIG_DIRS, MAN_DIR, SHELL_DIR, chunks
 
 __all__ = [
     "KINDS",
@@ -150,8 +150,8 @@ def read_docs(min_chars: int, topics: Mapping[str, str] | None = None) -> Iterat
         topics = pydoc_data.topics.topics
     runs = _unrepeated(topics)
     for name in sorted(topics):
-        chunks = (chunk for run in runs[name] for chunk in stretches(run, min_chars))
-        for n, chunk in enumerate(chunks):
+        pieces = (chunk for run in runs[name] for chunk in stretches(run, min_chars))
+        for n, chunk in enumerate(pieces):
             yield "docs", f"docs:{name}", f"docs:{name}#{n}", chunk
 
 
@@ -459,7 +459,7 @@ def read_dialogue(folder: Path, min_chars: int) -> Iterator[Item]:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=loader) or {}
         turns = [c if isinstance(c, list) else [c] for c in data.get("conversations") or []]
         items = [_conversation(t) for t in turns if t]
-        for n, chunk in enumerate(_chunks(items, min_chars, "\n\n")):
+        for n, chunk in enumerate(chunks(items, min_chars, "\n\n")):
             yield "dialogue", f"dialogue:{path.name}", f"dialogue:{path.name}#{n}", chunk
 
 

@@ -111,6 +111,18 @@ def write_report(
         for name in sorted(validation, key=lambda n: validation[n]["mean"]):
             v = validation[name]
             lines.append(f"| {name} | {v['mean']:.4f} | {', '.join(f'{x:.4f}' for x in v['per_seed'])} |")
+    fallback = report.get("fallback")
+    if fallback:
+        chosen = "; ".join(
+            f"below {f['threshold']:.3f} ({f['share']:.0%} of validation, {f['test_share']:.0%} of test)"
+            for f in fallback
+        )
+        lines += [
+            "",
+            "Fallback adapter, per seed: requests whose router confidence is below the threshold chosen on "
+            f"validation get the static LoRA: {chosen}. Its validation NLL is the one the threshold was "
+            "chosen on, so it flatters; its test NLL does not.",
+        ]
     per_label = report.get("per_label")
     if per_label:
         labels = sorted(next(iter(per_label.values())))

@@ -11,6 +11,11 @@
 # others take them (--reuse), so each directory holds every run its report and headroom share use.
 # Resumable, run by run; parallel workers can share a directory (--only static|hyper|experts --seeds S).
 #   scripts/studies/protocol_study.sh predicted-label|classifier|pseudo-label [chameleon eval arguments]
+# A variant of the setting (other eval arguments) gets its own directories with TAG=NAME, under the
+# same rules; the follow-ups fixed in docs/research/protocol.md:
+#   TAG=prompt64 scripts/studies/protocol_study.sh predicted-label|pseudo-label --prompt-tokens 64
+#   TAG=traffic-encoder scripts/studies/protocol_study.sh predicted-label|pseudo-label \
+#     --data traffic --statistic encoder
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 routing=${1:?usage: scripts/studies/protocol_study.sh predicted-label|classifier|pseudo-label [eval arguments]}
@@ -18,9 +23,10 @@ shift
 OUT=${OUT:-.chameleon/studies}
 source scripts/studies/early_layer_setting.sh
 chameleon fetch-corpora
-first="$OUT/protocol-predicted-label"
+suffix=${TAG:+-$TAG}
+first="$OUT/protocol-predicted-label$suffix"
 REUSE=()
 if [ "$routing" != predicted-label ] && [ -d "$first" ]; then REUSE=(--reuse "$first"); fi
 chameleon eval "${EARLY_LAYER_SETTING[@]}" "${DEFAULT_RECIPE[@]}" --split-by source --seeds 0 1 2 \
   --lr 2e-3 4e-3 8e-3 --routing "$routing" --skip static-basis static-big \
-  --out "$OUT/protocol-$routing" "${REUSE[@]}" "$@"
+  --out "$OUT/protocol-$routing$suffix" "${REUSE[@]}" "$@"

@@ -20,6 +20,7 @@ from adapter_service.serving.runtime import HyperNetworkRuntime
 from adapter_service.training.evaluation import WITH_FALLBACK, run_study
 from adapter_service.training.export import export_artifact
 from adapter_service.training.fallback_adapter import choose_threshold, install_fallback
+from adapter_service.training.report import write_report
 from adapter_service.training.trainer import StaticLoRA
 from conftest import start_server, tiny_llama
 from samples import synthetic
@@ -145,3 +146,8 @@ def test_the_study_scores_the_fallback_with_its_threshold_chosen_on_validation(t
         unsure = np.asarray(hyper["confidence"]["test"]) < chosen["threshold"]
         want = np.where(unsure, static["per_doc"], hyper["scores"]["per request"])
         assert report["methods"][WITH_FALLBACK]["per_seed"][seed] == pytest.approx(float(want.mean()))
+    write_report(report, tmp_path / "s", "chameleon eval ...", 1.0)
+    assert (
+        "Fallback adapter, per seed: requests whose router confidence is below"
+        in (tmp_path / "s" / "report.md").read_text()
+    )

@@ -125,6 +125,14 @@ class Manifest:
         )
 
     @property
+    def fallback_bases(self) -> int:
+        """How many of the mixture's last bases hold its fallback adapter (the static LoRA a label router
+        serves alone to the requests it is unsure of); 0 without one."""
+        if self.mixture is None:
+            return 0
+        return int(self.hypernetwork.get("config", {}).get("fallback_bases", 0))
+
+    @property
     def routing(self) -> str | None:
         """The mixture's router as trained (`hypernetwork.config.routing`); None where not recorded."""
         return self.hypernetwork.get("config", {}).get("routing")

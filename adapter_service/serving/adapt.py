@@ -50,6 +50,7 @@ class AdaptOutputs:
     needed: list[int]  # cluster indices generated, in row order of `generated` / `weights`
     generated: dict[str, GroupOutput]  # float32 A and B per group (empty in the compact form)
     weights: np.ndarray | None  # compact form: basis weights [len(needed), bases]
+    fallback_rows: int = 0  # requests served the artifact's fallback adapter (`fallback_rows`)
 
 
 def adapt(
@@ -131,7 +132,27 @@ def adapt_with_outputs(
             total=decode_seconds + encoded - started,
         )
     )
-    return response, AdaptOutputs(needed=needed, generated=generated, weights=weights)
+    outputs = AdaptOutputs(
+        needed=needed,
+        generated=generated,
+        weights=weights,
+        fallback_rows=fallback_rows(grouping, label_weights, runtime),
+    )
+    return response, outputs
+
+
+def fallback_rows(
+    grouping: Clustering, label_weights: np.ndarray | None, runtime: HyperNetworkRuntime
+) -> int:
+    """How many of the batch's requests get the artifact's fallback adapter: their cluster's weights are
+    1 on the fallback bases and 0 on the others. The count is for the metrics (operators watch how often
+    the router is unsure); the wire form does not single it out."""
+    f = runtime.manifest.fallback_bases
+    if not f:
+        return 0
+    weights = label_weights if label_weights is not None else runtime.mixture_weights(grouping.centroids)
+    alone = (weights[:, -f:] == 1).all(axis=1) & (weights[:, :-f] == 0).all(axis=1)
+    return int(grouping.sizes[alone].sum())
 
 
 def group_requests(

@@ -40,6 +40,12 @@ class ServiceMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.fallback_rows = Counter(
+            "chameleon_fallback_adapter_rows",
+            "Requests served the artifact's fallback adapter (the static LoRA its label router gives the "
+            "requests it is unsure of)",
+            registry=self.registry,
+        )
         self.response_bytes = Counter(
             "chameleon_adapt_response_bytes", "Bytes of Adapt responses", registry=self.registry
         )

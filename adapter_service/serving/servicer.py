@@ -151,6 +151,8 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
         response, outputs = adapt_with_outputs(
             call, self.runtime, self.limits, self.seed, decode_seconds=time.perf_counter() - decoding
         )
+        if outputs.fallback_rows:
+            self.metrics.fallback_rows.inc(outputs.fallback_rows)
         if self.audit is not None:  # here, off the event loop: the adapter norms are real (if small) work
             self._audit_ok(call, response, outputs, peer, started)
         return response

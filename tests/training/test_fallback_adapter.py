@@ -8,6 +8,7 @@ artifact must export with parity and be served by the real sidecar with no chang
 from __future__ import annotations
 
 import json
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -108,9 +109,13 @@ def test_unsure_requests_get_the_static_lora_and_sure_ones_the_mixtures_adapter(
     try:
         with AdapterClient(server.address, timeout=30) as client:
             answer = client.adapt(test.numpy(), policy=AutoK(max_k=8))
+        url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+        metrics = urllib.request.urlopen(url, timeout=5).read().decode()
     finally:
         server.stop()
     assert answer.grouping == "predicted-label" and answer.k == len(group_of.unique())
+    # operators see how often the router is unsure
+    assert f"chameleon_fallback_adapter_rows_total {float(unsure.sum())}" in metrics
     same = answer.assignments[:, None] == answer.assignments[None, :]
     assert np.array_equal(same, (group_of[:, None] == group_of[None, :]).numpy())
     row = int(unsure.nonzero()[0])

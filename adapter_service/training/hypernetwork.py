@@ -22,6 +22,8 @@ Two kinds (`HyperNetworkConfig.kind`):
   fitted to the training data's labels (labels at training time only; serving needs none), and with
   `routing="predicted-label"` from its predicted label alone (one-hot). `routing="pseudo-label"` is
   the predicted-label router without labels: its classes are k-means groups of the training statistics.
+A label router's mixture may end in fallback bases, a static LoRA served alone to the requests its
+classifier is unsure of (fallback_adapter.py).
 
 An optional cap bounds every emitted delta, ||s B A||_F <= c ||W||_F per cluster and module, inside
 the network (so the exported graph enforces it too): a centroid unlike anything seen in training

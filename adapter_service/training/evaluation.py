@@ -8,10 +8,12 @@ each (seed, method) are written as they finish, so an interrupted study resumes 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -359,6 +361,10 @@ def run_study(
             clip_grad_norm=config.clip_grad_norm,
         )
         started = time.perf_counter()
+        checkpoints = None
+        if "partial" in computing:  # each training of the run its own checkpoint (experts: one per label)
+            computing["fits"] += 1
+            checkpoints = computing["partial"] / f"fit{computing['fits']}"
         result = train(
             model,
             network,
@@ -370,6 +376,7 @@ def run_study(
             progress,
             prefix,
             statistics,
+            checkpoint_dir=checkpoints,
         )
         return {
             "best_step": result.best_step,
@@ -379,6 +386,9 @@ def run_study(
         }
 
     run_seconds: dict[str, float | None] = {}  # per saved run: the compute it took (None: not recorded)
+    # The run being computed: its trainings checkpoint under runs/partial/<run>/, so a study killed
+    # mid-run (a session's end, a preempted node) resumes that run where it stopped, not from scratch.
+    computing: dict[str, Any] = {}
     order = itertools.count()  # every rank meets the runs in the same order
 
     def cached(name: str, seed: int, compute, lr: float | None = None) -> dict | None:
@@ -391,11 +401,22 @@ def run_study(
         elif (only is not None and name not in only) or (shared and not processes.owns(index)):
             return None
         else:
+            partial = runs / "partial" / path.stem
+            resumed = partial.is_dir()
+            computing.update(partial=partial, fits=0)
             started = time.perf_counter()
-            record = compute()
+            try:
+                record = compute()
+            finally:
+                computing.clear()
             # Kept in the run itself: a worker killed after writing some runs leaves no invocation time.
-            record["run_seconds"] = time.perf_counter() - started
+            # A resumed run's earlier pieces were not timed, so its time is not recorded (the report
+            # counts it as untimed) rather than understated.
+            record["run_seconds"] = None if resumed else time.perf_counter() - started
             path.write_text(json.dumps(record) + "\n")
+            shutil.rmtree(partial, ignore_errors=True)
+            with contextlib.suppress(OSError):  # runs/ then holds saved runs only, once none is partial
+                partial.parent.rmdir()
         run_seconds[path.stem] = record.get("run_seconds")
         return record
 

@@ -497,3 +497,46 @@ def test_the_label_oracle_routes_the_generator_on_one_hot_domains_only(tmp_path:
     unlabelled = [dataclasses.replace(e, label=None) for e in data[2]]
     with pytest.raises(ValueError, match="oracle_statistic: expected labelled examples"):
         run_study(model, data[0], data[1], unlabelled, oracle, tmp_path / "none", progress=False, skip=big)
+
+
+def test_a_study_killed_mid_run_resumes_that_run_where_it_stopped(tmp_path: Path, monkeypatch) -> None:
+    """A study spans sessions and machines: a run killed between validations resumes from its last
+    checkpoint (each expert from its own) and ends exactly as an uninterrupted run does; its time is
+    then not recorded rather than understated, and no partial state is left behind."""
+    from adapter_service.training import checkpoint
+
+    config = quick_config(max_steps=4, experts=True)
+    data = (synthetic(36, 1), synthetic(12, 2), synthetic(12, 3))
+    whole = run_study(tiny_llama(), *data, config, tmp_path / "whole", progress=False)
+
+    save = checkpoint.save
+    saves = []
+
+    def killed_at_the_first_validation(directory, state, run):
+        path = save(directory, state, run)
+        saves.append(state.step)
+        if len(saves) == 1:
+            raise KeyboardInterrupt("killed")
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", killed_at_the_first_validation)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(tiny_llama(), *data, config, tmp_path / "cut", progress=False)
+    runs = tmp_path / "cut" / "runs"
+    assert saves == [2] and any((runs / "partial").rglob("checkpoint.pt"))  # cut at step 2 of 4
+    load = checkpoint.load
+    resumed_at = []
+
+    def spied(*args):
+        state = load(*args)
+        if state is not None:
+            resumed_at.append(state.step)
+        return state
+
+    monkeypatch.setattr(checkpoint, "load", spied)
+    resumed = run_study(tiny_llama(), *data, config, tmp_path / "cut", progress=False)
+    assert resumed_at == [2]  # resumed from step 2, not restarted
+    for name, entry in whole["methods"].items():
+        assert resumed["methods"][name]["per_seed"] == pytest.approx(entry["per_seed"], abs=1e-6), name
+    assert not (runs / "partial").exists()
+    assert resumed["run_seconds"]["untimed"] == 1  # the one run that was cut and resumed

@@ -9,7 +9,7 @@
 #     predicted-label and classifier (labels at training time) and pseudo-label (no labels anywhere).
 # Each routing has its own directory; the static LoRAs and experts train once, in the first, and the
 # others take them (--reuse), so each directory holds every run its report and headroom share use.
-# Resumable, run by run; parallel workers can share a directory (--only static|hyper|experts --seeds S).
+# Resumable (a cut run from its last validation); workers can share a directory (--only NAME --seeds S).
 #   scripts/studies/protocol_study.sh predicted-label|classifier|pseudo-label [chameleon eval arguments]
 # A variant of the setting (other eval arguments) gets its own directories with TAG=NAME, under the
 # same rules; the follow-ups fixed in docs/research/protocol.md:

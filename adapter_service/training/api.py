@@ -95,16 +95,17 @@ def report_fallback(choice: Any, rank: int) -> None:
     """One line on what the fallback adapter does on validation, and what it costs in rank."""
     if not choice.gains:
         print(
-            f"fallback adapter: not installed (no confidence threshold lowers validation NLL "
-            f"{choice.routed_nll:.4f}); the artifact's rank stays {rank}",
+            f"fallback adapter: not installed (the best confidence threshold, {choice.threshold:.3f}, "
+            f"takes validation NLL {choice.routed_nll:.4f} -> {choice.nll:.4f} but gains "
+            f"{choice.held_out_gain:+.4f} on held-out halves); the artifact's rank stays {rank}",
             flush=True,
         )
         return
     print(
         f"fallback adapter: requests with router confidence below {choice.threshold:.3f} "
         f"({choice.share:.0%} of validation) get the static LoRA: validation NLL {choice.routed_nll:.4f} -> "
-        f"{choice.nll:.4f}; the artifact's rank is {rank} (the static LoRA's bases added; "
-        "--no-unsure-fallback keeps the mixture's)",
+        f"{choice.nll:.4f} ({choice.held_out_gain:+.4f} on held-out halves); the artifact's rank is {rank} "
+        "(the static LoRA's bases added; --no-unsure-fallback keeps the mixture's)",
         flush=True,
     )
 

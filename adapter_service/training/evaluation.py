@@ -620,13 +620,14 @@ def with_fallback(hyper: dict, static: dict | None) -> dict | None:
     choice = choose_threshold(
         confidence["validation"], hyper["validation_per_doc"], static["validation_per_doc"]
     )
-    unsure = np.asarray(confidence["test"]) < choice.threshold
+    # as train would serve it: no fallback unless it gains on held-out halves of validation too
+    unsure = np.asarray(confidence["test"]) < (choice.threshold if choice.gains else 0.0)
     per_doc = np.where(unsure, np.asarray(static["per_doc"]), np.asarray(hyper["scores"]["per request"]))
     return {
         "per_doc": per_doc.tolist(),
         "params": hyper["params"] + static["params"],
         "best_validation_nll": choice.nll,
-        "fallback": {**choice.as_json(), "test_share": float(unsure.mean())},
+        "fallback": {**choice.as_json(), "installed": choice.gains, "test_share": float(unsure.mean())},
     }
 
 

@@ -115,13 +115,16 @@ def write_report(
     if fallback:
         chosen = "; ".join(
             f"below {f['threshold']:.3f} ({f['share']:.0%} of validation, {f['test_share']:.0%} of test)"
+            if f.get("installed", True)
+            else f"none (held-out gain {f['held_out_gain']:+.4f})"
             for f in fallback
         )
         lines += [
             "",
-            "Fallback adapter, per seed: requests whose router confidence is below the threshold chosen on "
-            f"validation get the static LoRA: {chosen}. Its validation NLL is the one the threshold was "
-            "chosen on, so it flatters; its test NLL does not.",
+            "Fallback adapter, per seed: requests whose router confidence is below the threshold chosen "
+            "on validation get the static LoRA, where it also gains on held-out halves of validation: "
+            f"{chosen}. Its validation NLL is the one the threshold was chosen on, so it flatters; its "
+            "test NLL does not.",
         ]
     per_label = report.get("per_label")
     if per_label:

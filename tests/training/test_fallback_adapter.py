@@ -47,6 +47,21 @@ def test_the_threshold_is_the_validation_optimum_over_cuts_a_threshold_can_make(
         choose_threshold([0.5], [1.0, 2.0], [1.0])
 
 
+def test_a_threshold_that_only_fits_validation_noise_is_not_installed() -> None:
+    """With hundreds of cuts to choose from, some cut always looks better in-sample; only one that
+    also gains on held-out halves of validation is worth the rank it adds."""
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.2, 1.0, 300)
+    routed = 3.0 + rng.normal(0, 0.3, 300)
+    noise = routed + rng.normal(0.05, 0.3, 300)  # the static LoRA is worse, whatever the confidence
+    fitted = choose_threshold(confidence, routed, noise)
+    assert fitted.nll < fitted.routed_nll and fitted.held_out_gain <= 0 and not fitted.gains
+    unsure = confidence < 0.4
+    signal = np.where(unsure, routed - 0.3, routed + 0.3) + rng.normal(0, 0.05, 300)
+    real = choose_threshold(confidence, routed, signal)
+    assert real.gains and real.held_out_gain > 0.05 and abs(real.threshold - 0.4) < 0.02
+
+
 def trained_pair():
     """A predicted-label mixture fitted to labelled statistics, a static LoRA of its size (random B so
     the two differ), and statistics half of which sit between the labels (the router is unsure)."""
@@ -148,7 +163,9 @@ def test_the_study_scores_the_fallback_with_its_threshold_chosen_on_validation(t
         runs = tmp_path / "s" / "runs"
         hyper = json.loads((runs / f"hyper-seed{seed}.json").read_text())
         static = json.loads((runs / f"static-seed{seed}.json").read_text())
-        unsure = np.asarray(hyper["confidence"]["test"]) < chosen["threshold"]
+        threshold = chosen["threshold"] if chosen["installed"] else 0.0  # as train would serve it
+        unsure = np.asarray(hyper["confidence"]["test"]) < threshold
+        assert chosen["test_share"] == float(unsure.mean())
         want = np.where(unsure, static["per_doc"], hyper["scores"]["per request"])
         assert report["methods"][WITH_FALLBACK]["per_seed"][seed] == pytest.approx(float(want.mean()))
     write_report(report, tmp_path / "s", "chameleon eval ...", 1.0)

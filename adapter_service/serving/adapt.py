@@ -76,13 +76,18 @@ def adapt_with_outputs(
     shared_key = bases_key(runtime.artifact.sha256, call.dtype) if call.compact else ""
     send_bases = bool(call.compact and needed and shared_key not in call.held_keys)
     _check_response_size(len(needed), grouping.k, call, runtime, limits, send_bases)
+    # Every cluster's basis weights when they are known anyway (label groups) or the fallback count
+    # needs them; otherwise the compact form computes only the needed clusters'.
+    every_weights = label_weights
+    if every_weights is None and runtime.manifest.fallback_bases:
+        every_weights = runtime.mixture_weights(grouping.centroids)
     weights = None
     if call.compact:
         generated = {}
         if not needed:
             weights = None
-        elif label_weights is not None:  # computed while grouping
-            weights = label_weights[needed]
+        elif every_weights is not None:
+            weights = every_weights[needed]
         else:
             weights = runtime.mixture_weights(grouping.centroids[needed])
     else:
@@ -136,23 +141,20 @@ def adapt_with_outputs(
         needed=needed,
         generated=generated,
         weights=weights,
-        fallback_rows=fallback_rows(grouping, label_weights, runtime),
+        fallback_rows=fallback_rows(grouping.sizes, every_weights, runtime.manifest.fallback_bases),
     )
     return response, outputs
 
 
-def fallback_rows(
-    grouping: Clustering, label_weights: np.ndarray | None, runtime: HyperNetworkRuntime
-) -> int:
-    """How many of the batch's requests get the artifact's fallback adapter: their cluster's weights are
-    1 on the fallback bases and 0 on the others. The count is for the metrics (operators watch how often
-    the router is unsure); the wire form does not single it out."""
-    f = runtime.manifest.fallback_bases
-    if not f:
+def fallback_rows(sizes: np.ndarray, weights: np.ndarray | None, fallback_bases: int) -> int:
+    """How many of the batch's requests get the artifact's fallback adapter: their cluster's weights
+    [k, bases] are 1 on the last `fallback_bases` bases and 0 on the others. The count is for the
+    metrics (operators watch how often the router is unsure); the wire form does not single it out."""
+    f = fallback_bases
+    if not f or weights is None:
         return 0
-    weights = label_weights if label_weights is not None else runtime.mixture_weights(grouping.centroids)
     alone = (weights[:, -f:] == 1).all(axis=1) & (weights[:, :-f] == 0).all(axis=1)
-    return int(grouping.sizes[alone].sum())
+    return int(sizes[alone].sum())
 
 
 def group_requests(

@@ -201,6 +201,16 @@ class ServerThread:
         self.loop.close()
 
 
+def forbid_gguf_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on a GGUF load fails unless it reads the converted safetensors cache."""
+    from adapter_service.models import loading
+
+    def no_conversion(path):
+        raise AssertionError("the second load must read the safetensors cache")
+
+    monkeypatch.setattr(loading, "_read_gguf", no_conversion)
+
+
 def start_server(artifact: Path, **overrides) -> ServerThread:
     config = ServerConfig(artifact=artifact, address="127.0.0.1:0", metrics_port=0, **overrides)
     return ServerThread(config)

@@ -315,10 +315,7 @@ def test_real_gguf_loads_with_its_weights_and_its_own_bos(
     assert (marker["add_bos_token"], marker["add_eos_token"], marker["format"]) == (add_bos, False, 2)
     assert AutoTokenizer.from_pretrained(entry, local_files_only=True)("the cat sat").input_ids == ids
 
-    def no_conversion(path):
-        raise AssertionError("the second load must read the safetensors cache")
-
-    monkeypatch.setattr(model_loading, "_read_gguf", no_conversion)
+    conftest.forbid_gguf_conversion(monkeypatch)
     cached, cached_tokenizer = load_causal_lm(path)
     assert cached_tokenizer("the cat sat").input_ids == ids
     with torch.no_grad():
@@ -397,10 +394,7 @@ def test_smollm2_gguf_converts_caches_and_generates(
     with torch.no_grad():
         logits = model(**prompt).logits
 
-    def no_conversion(path):
-        raise AssertionError("the second load must read the safetensors cache")
-
-    monkeypatch.setattr(model_loading, "_read_gguf", no_conversion)
+    conftest.forbid_gguf_conversion(monkeypatch)
     started = time.perf_counter()
     cached, cached_tokenizer = load_causal_lm(SMOLLM2)
     cached_s = time.perf_counter() - started

@@ -147,10 +147,7 @@ def test_preset_loads_through_chunks_assembly_and_gguf_cache(
         assert torch.allclose(model.state_dict()[name], tensor, atol=1e-6), name
     assert tokenizer("the cat").input_ids[0] == tokenizer.bos_token_id
 
-    def no_conversion(path):
-        raise AssertionError("the second load must read the safetensors cache")
-
-    monkeypatch.setattr(model_loading, "_read_gguf", no_conversion)
+    conftest.forbid_gguf_conversion(monkeypatch)
     cached, _ = load_causal_lm(GEMMA3)
     assert all(torch.equal(cached.state_dict()[k], v) for k, v in model.state_dict().items())
 
@@ -227,10 +224,7 @@ def test_gemma3_loads_predicts_text_and_code_and_caches(
     english, code = nll_per_token(model, tokenizer, ENGLISH), nll_per_token(model, tokenizer, PYTHON)
     assert english < 4.0 and code < 2.5, (english, code)  # log(262144) = 12.5 for a uniform guess
 
-    def no_conversion(path):
-        raise AssertionError("the second load must read the safetensors cache")
-
-    monkeypatch.setattr(model_loading, "_read_gguf", no_conversion)
+    conftest.forbid_gguf_conversion(monkeypatch)
     started = time.perf_counter()
     cached, cached_tokenizer = load_causal_lm(GEMMA3)
     cached_s = time.perf_counter() - started

@@ -387,7 +387,7 @@ def run_study(
 
     run_seconds: dict[str, float | None] = {}  # per saved run: the compute it took (None: not recorded)
     # The run being computed: its trainings checkpoint under runs/partial/<run>/, so a study killed
-    # mid-run (a session's end, a preempted node) resumes that run where it stopped, not from scratch.
+    # mid-run (a job's time limit, a preempted node) resumes that run where it stopped, not from scratch.
     computing: dict[str, Any] = {}
     order = itertools.count()  # every rank meets the runs in the same order
 

@@ -500,7 +500,7 @@ def test_the_label_oracle_routes_the_generator_on_one_hot_domains_only(tmp_path:
 
 
 def test_a_study_killed_mid_run_resumes_that_run_where_it_stopped(tmp_path: Path, monkeypatch) -> None:
-    """A study spans sessions and machines: a run killed between validations resumes from its last
+    """A study spans jobs and machines: a run killed between validations resumes from its last
     checkpoint (each expert from its own) and ends exactly as an uninterrupted run does; its time is
     then not recorded rather than understated, and no partial state is left behind."""
     from adapter_service.training import checkpoint
